@@ -1,0 +1,38 @@
+# Every target sets itself up: a fresh clone needs only python3 (and, for the full suite, root for
+# Debian's redis-server; without it those tests skip, except under CI=true where they fail).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint types check system-deps bench clean venv
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check airflow_provider_modmed tests bench scripts example_dags
+
+types: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint types test
+
+bench: $(STAMP) system-deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache
