@@ -24,7 +24,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check airflow_provider_modmed tests bench scripts example_dags
+	$(VENV)/bin/ruff check .
 
 types: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,0 +1,374 @@
+"""The sandbox's two ASGI apps: the API (both tracks + admin) and the object-storage listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from airflow_provider_modmed.capabilities import Interaction, Track
+from airflow_provider_modmed.sandbox import interactions
+from airflow_provider_modmed.sandbox.http import (
+    FhirError,
+    error_response,
+    fault_gate,
+    fhir_response,
+    finish,
+    outcome,
+    read_json,
+)
+from airflow_provider_modmed.sandbox.metadata import capability_statement
+from airflow_provider_modmed.sandbox.state import ENVIRONMENTS, SandboxState, Token
+from airflow_provider_modmed.sandbox.store import format_instant
+
+Handler = Callable[[SandboxState, Track, Request, str], Awaitable[Response]]
+
+PROPRIETARY_PREFIX = "/{env}/firm/{firm}/ema"
+CERTIFIED_PREFIX = "/certified/{firm}"
+KEYCLOAK_TOKEN_PATH = "/auth/realms/ema-fhir/protocol/openid-connect/token"
+
+
+def _key_label(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    return dict(parse_qsl((await request.body()).decode(errors="replace"), keep_blank_values=True))
+
+
+def build_api_app(state: SandboxState) -> Starlette:
+    """The API listener: proprietary track, Keycloak token URL, certified track, admin endpoints."""
+    creds = state.credentials
+
+    def proprietary_base(request: Request) -> str:
+        p = request.path_params
+        return f"{state.api_url}/{p['env']}/firm/{p['firm']}/ema/fhir/v2"
+
+    def certified_base(request: Request) -> str:
+        return f"{state.api_url}/certified/{request.path_params['firm']}/fhir/r4"
+
+    def check_path(request: Request) -> None:
+        p = request.path_params
+        if p.get("env", ENVIRONMENTS[0]) not in ENVIRONMENTS:
+            raise FhirError(404, "not-found", f"Unknown environment '{p['env']}'")
+        if p["firm"] != creds.firm:
+            raise FhirError(404, "not-found", f"Unknown firm URL prefix '{p['firm']}'")
+
+    def check_api_key(request: Request) -> str:
+        api_key = request.headers.get("x-api-key")
+        if not api_key or api_key != creds.api_key:
+            state.stats["forbidden_api_key"] += 1
+            raise FhirError(403, "forbidden", "Missing or unknown x-api-key")
+        if state.faults.rate_storm > 0:
+            with state.lock:
+                state.faults.rate_storm -= 1
+            state.stats["throttled"] += 1
+            raise FhirError(429, "throttled", "Rate limit exceeded")
+        if not state.take_budget(api_key):
+            state.stats["throttled"] += 1
+            state.stats[f"throttled:{_key_label(api_key)}"] += 1
+            raise FhirError(429, "throttled", "Rate limit exceeded")
+        state.stats[f"requests:{_key_label(api_key)}"] += 1
+        return api_key
+
+    def bearer(request: Request, track: str) -> Token:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = state.valid_token(value.strip(), track) if scheme.lower() == "bearer" else None
+        if token is None:
+            state.stats["unauthorized"] += 1
+            raise FhirError(401, "login", "Missing, unknown or expired access token",
+                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return token
+
+    async def guarded(request: Request, kind: str, work: Callable[[], Awaitable[Response]]) -> Response:
+        state.stats["requests"] += 1
+        state.stats[f"requests:{kind}"] += 1
+        try:
+            check_path(request)
+            injected = await fault_gate(state, request)
+            if injected is not None:
+                return injected
+            return finish(state, await work())
+        except FhirError as exc:
+            return error_response(exc)
+
+    # -- proprietary track -------------------------------------------------------------------
+    async def proprietary_grant(request: Request) -> Response:
+        async def work() -> Response:
+            check_api_key(request)
+            form = await _form(request)
+            state.stats["token_requests"] += 1
+            grant = form.get("grant_type")
+            if grant == "password":
+                if form.get("username") != creds.username or form.get("password") != creds.password:
+                    return _oauth_error(401, "invalid_grant", "Bad username or password")
+                refresh = state.refresh_tokens_by_user.get(creds.username)
+                if refresh is None:
+                    refresh = secrets.token_urlsafe(32)
+                    state.refresh_tokens_by_user[creds.username] = refresh
+                    state.refresh_tokens[refresh] = creds.username
+            elif grant == "refresh_token":
+                refresh = form.get("refresh_token", "")
+                if refresh not in state.refresh_tokens:
+                    return _oauth_error(401, "invalid_grant", "Unknown or revoked refresh token")
+            else:
+                return _oauth_error(400, "unsupported_grant_type", "grant_type must be password or refresh_token")
+            token = state.issue("proprietary", creds.username, state.config.token_ttl, api_key=creds.api_key)
+            body: dict[str, Any] = {"access_token": token.value, "refresh_token": refresh,
+                                    "token_type": "Bearer", "scope": request.path_params["firm"]}
+            if not state.config.omit_expires_in:
+                body["expires_in"] = int(state.config.token_ttl)
+            return JSONResponse(body)
+
+        return await guarded(request, "token", work)
+
+    async def keycloak_token(request: Request) -> Response:
+        state.stats["requests"] += 1
+        state.stats["token_requests"] += 1
+        injected = await fault_gate(state, request)
+        if injected is not None:
+            return injected
+        form = await _form(request)
+        if form.get("grant_type") != "client_credentials":
+            return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
+        if form.get("client_id") != creds.cc_client_id or form.get("client_secret") != creds.cc_client_secret:
+            return _oauth_error(401, "invalid_client", "Invalid client credentials")
+        token = state.issue("proprietary", creds.cc_client_id, state.config.keycloak_token_ttl)
+        return JSONResponse({"access_token": token.value, "expires_in": int(state.config.keycloak_token_ttl),
+                             "token_type": "Bearer", "not-before-policy": 0, "scope": "profile email"})
+
+    def proprietary(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            async def work() -> Response:
+                check_api_key(request)
+                bearer(request, "proprietary")
+                return await handler(state, Track.PROPRIETARY, request, proprietary_base(request))
+            return await guarded(request, "proprietary", work)
+        return endpoint
+
+    async def proprietary_metadata(request: Request) -> Response:
+        async def work() -> Response:
+            return fhir_response(capability_statement(Track.PROPRIETARY, proprietary_base(request),
+                                                      format_instant(state.now_ms())))
+        return await guarded(request, "proprietary", work)
+
+    # -- certified track ---------------------------------------------------------------------
+    from airflow_provider_modmed.sandbox import smart
+
+    def token_url(request: Request) -> str:
+        return f"{state.api_url}/certified/{request.path_params['firm']}/auth/token"
+
+    async def smart_configuration(request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(smart.smart_configuration(fhir_base=certified_base(request),
+                                                          token_url=token_url(request)))
+        return await guarded(request, "certified", work)
+
+    async def certified_token(request: Request) -> Response:
+        async def work() -> Response:
+            state.stats["token_requests"] += 1
+            form = await _form(request)
+            try:
+                client_id, scopes = smart.issue_certified_token(
+                    form, token_url=token_url(request), creds=creds, now=state.now(), seen_jti=state.seen_jti)
+            except smart.OAuthError as exc:
+                return _oauth_error(exc.status, exc.error, exc.description)
+            ttl = state.config.certified_token_ttl
+            token = state.issue("certified", client_id, ttl, tuple(scopes))
+            return JSONResponse({"access_token": token.value, "token_type": "bearer",
+                                 "expires_in": int(ttl), "scope": " ".join(scopes)})
+        return await guarded(request, "token", work)
+
+    def certified(handler: Handler, interaction: Interaction | None) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            async def work() -> Response:
+                token = bearer(request, "certified")
+                rt = request.path_params.get("rtype")
+                if rt and interaction in (Interaction.READ, Interaction.SEARCH) and \
+                        not smart.scope_allows(token.scopes, rt, interaction.value):
+                    raise FhirError(403, "forbidden", f"Token scopes do not allow {interaction.value} on {rt}")
+                return await handler(state, Track.CERTIFIED, request, certified_base(request))
+            return await guarded(request, "certified", work)
+        return endpoint
+
+    async def certified_metadata(request: Request) -> Response:
+        async def work() -> Response:
+            return fhir_response(capability_statement(Track.CERTIFIED, certified_base(request),
+                                                      format_instant(state.now_ms())))
+        return await guarded(request, "certified", work)
+
+    async def export(state_: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+        token = bearer(request, "certified")
+        level = request.path_params.get("level", "system")
+        params: dict[str, str] = dict(request.query_params)
+        if request.method == "POST":
+            body = await read_json(request)
+            for p in (body or {}).get("parameter") or ():
+                value = next((v for k, v in p.items() if k.startswith("value")), None)
+                if value is not None:
+                    text = value if isinstance(value, str) else str(value)
+                    params[p["name"]] = f"{params[p['name']]},{text}" if p["name"] in params else text
+        status_url = state.exports.kick_off(
+            level=level, group_id=request.path_params.get("gid"), params=params,
+            prefer=request.headers.get("prefer", ""), accept=request.headers.get("accept", ""),
+            request_url=str(request.url), fhir_base=fhir_base, scopes=token.scopes)
+        state.stats["exports_started"] += 1
+        return Response(b"", status_code=202, headers={"Content-Location": status_url})
+
+    async def export_status(state_: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+        bearer(request, "certified")
+        if request.method == "DELETE":
+            return state.exports.cancel(request.path_params["job"])
+        return state.exports.status(request.path_params["job"])
+
+    async def refuse_export(request: Request) -> Response:
+        async def work() -> Response:
+            check_api_key(request)
+            bearer(request, "proprietary")
+            raise FhirError(403, "forbidden", "Bulk Data $export is not available on the proprietary API; "
+                            "use the ONC-certified API")
+        return await guarded(request, "proprietary", work)
+
+    # -- admin -------------------------------------------------------------------------------
+    async def admin_credentials(request: Request) -> Response:
+        return JSONResponse(state.credentials_document())
+
+    async def admin_faults(request: Request) -> Response:
+        if request.method == "DELETE":
+            state.reset_faults()
+        else:
+            try:
+                state.apply_faults(await request.json())
+            except (KeyError, TypeError, ValueError) as exc:
+                return JSONResponse({"error": f"unknown or bad fault: {exc}"}, status_code=400)
+        return JSONResponse(state.faults.__dict__)
+
+    async def admin_stats(request: Request) -> Response:
+        if request.method == "DELETE":
+            state.stats.clear()
+        return JSONResponse(dict(state.stats))
+
+    async def admin_resources(request: Request) -> Response:
+        rt = request.path_params["rtype"]
+        if request.method == "GET":
+            return JSONResponse(state.store.ground_truth(rt))
+        body = await request.json()
+        if request.method == "DELETE":
+            row = state.store.delete(rt, request.path_params["rid"])
+        elif request.method == "PUT":
+            row = state.store.update({**body, "resourceType": rt, "id": request.path_params["rid"]})
+        else:
+            row = state.store.create({**body, "resourceType": rt})
+        return JSONResponse(row.body if row else {}, status_code=201 if request.method == "POST" else 200)
+
+    async def not_found(request: Request) -> Response:
+        return outcome(404, "not-found", f"No route for {request.method} {request.url.path}")
+
+    pp = PROPRIETARY_PREFIX + "/fhir/v2"
+    cp = CERTIFIED_PREFIX + "/fhir/r4"
+    routes = [
+        Route(PROPRIETARY_PREFIX + "/ws/oauth2/grant", proprietary_grant, methods=["POST"]),
+        Route(KEYCLOAK_TOKEN_PATH, keycloak_token, methods=["POST"]),
+        Route(pp + "/metadata", proprietary_metadata, methods=["GET"]),
+        Route(pp + "/$export", refuse_export, methods=["GET", "POST"]),
+        Route(pp + "/{level:str}/$export", refuse_export, methods=["GET", "POST"]),
+        Route(pp + "/Group/{gid}/$export", refuse_export, methods=["GET", "POST"]),
+        Route(pp + "/{rtype}", proprietary(interactions.search_type), methods=["GET"]),
+        Route(pp + "/{rtype}/_search", proprietary(interactions.search_type), methods=["POST"]),
+        Route(pp + "/{rtype}", proprietary(interactions.create), methods=["POST"]),
+        Route(pp + "/{rtype}/{rid}", proprietary(interactions.read), methods=["GET"]),
+        Route(pp + "/{rtype}/{rid}", proprietary(interactions.update), methods=["PUT"]),
+        Route(pp + "/{rtype}/{rid}", proprietary(interactions.delete), methods=["DELETE"]),
+        Route(cp + "/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
+        Route(CERTIFIED_PREFIX + "/auth/token", certified_token, methods=["POST"]),
+        Route(cp + "/metadata", certified_metadata, methods=["GET"]),
+        Route(cp + "/$export", certified(export, None), methods=["GET", "POST"]),
+        Route(cp + "/Patient/$export", certified(_with_level(export, "Patient"), None), methods=["GET", "POST"]),
+        Route(cp + "/Group/{gid}/$export", certified(_with_level(export, "Group"), None), methods=["GET", "POST"]),
+        Route(cp + "/fhir-services/$export-status/{job}", certified(export_status, None),
+              methods=["GET", "DELETE"]),
+        Route(cp + "/{rtype}", certified(interactions.search_type, Interaction.SEARCH), methods=["GET"]),
+        Route(cp + "/{rtype}/_search", certified(interactions.search_type, Interaction.SEARCH), methods=["POST"]),
+        Route(cp + "/{rtype}", certified(interactions.create, Interaction.CREATE), methods=["POST"]),
+        Route(cp + "/{rtype}/{rid}", certified(interactions.read, Interaction.READ), methods=["GET"]),
+        Route(cp + "/{rtype}/{rid}", certified(interactions.update, Interaction.UPDATE), methods=["PUT"]),
+        Route(cp + "/{rtype}/{rid}", certified(interactions.delete, Interaction.DELETE), methods=["DELETE"]),
+        Route("/_sandbox/credentials", admin_credentials, methods=["GET"]),
+        Route("/_sandbox/faults", admin_faults, methods=["GET", "POST", "DELETE"]),
+        Route("/_sandbox/stats", admin_stats, methods=["GET", "DELETE"]),
+        Route("/_sandbox/resources/{rtype}", admin_resources, methods=["GET", "POST"]),
+        Route("/_sandbox/resources/{rtype}/{rid}", admin_resources, methods=["PUT", "DELETE"]),
+        Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _with_level(handler: Handler, level: str) -> Handler:
+    async def wrapped(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+        request.path_params["level"] = level
+        return await handler(state, track, request, fhir_base)
+    return wrapped
+
+
+def _s3_error(status: int, code: str, message: str) -> Response:
+    body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    return Response(body, status_code=status, media_type="application/xml")
+
+
+def build_storage_app(state: SandboxState) -> Starlette:
+    """The "object storage" listener: presigned uploads and bulk output files. Refuses credentials."""
+
+    async def gate(request: Request) -> Response | None:
+        state.stats["storage_requests"] += 1
+        if "authorization" in request.headers or "x-api-key" in request.headers:
+            state.stats["auth_headers_seen_by_storage"] += 1
+            return _s3_error(400, "InvalidArgument", "Only one auth mechanism allowed; presigned URLs take no "
+                             "Authorization or x-api-key header")
+        q = request.query_params
+        reason = state.check_presigned(request.url.path, q.get("X-Amz-Date", ""), q.get("X-Amz-Expires", ""),
+                                       q.get("X-Amz-Signature", ""))
+        if reason:
+            state.stats["storage_refused"] += 1
+            return _s3_error(403, "AccessDenied", reason)
+        return None
+
+    async def upload(request: Request) -> Response:
+        refused = await gate(request)
+        if refused is not None:
+            return refused
+        key = request.url.path
+        if request.method == "PUT":
+            state.uploads[key] = await request.body()
+            state.stats["uploads"] += 1
+            return Response(b"", status_code=200, headers={"ETag": f'"{hashlib.md5(state.uploads[key]).hexdigest()}"'})  # noqa: S324
+        if key not in state.uploads:
+            return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return Response(state.uploads[key], media_type="application/octet-stream")
+
+    async def bulk_file(request: Request) -> Response:
+        refused = await gate(request)
+        if refused is not None:
+            return refused
+        if state.faults.latency_ms:
+            await asyncio.sleep(state.faults.latency_ms / 1000)
+        response: Response = await state.exports.download(request, request.path_params["job"],
+                                                          request.path_params["name"])
+        return response
+
+    return Starlette(routes=[
+        Route("/uploads/{key}", upload, methods=["PUT", "GET"]),
+        Route("/bulk/{job}/{name}", bulk_file, methods=["GET"]),
+    ])

@@ -1,0 +1,285 @@
+"""The sandbox's registered clients and secrets, and the credentials JSON it prints.
+
+Pure module: no web framework. :func:`make_credentials` derives every secret from a seed (so tests and
+docs can rely on stable values) and generates, or reuses from ``data_dir``, the two key pairs of the
+certified track's ``private_key_jwt`` clients (RS384: RSA 2048; ES384: EC P-384).
+:func:`credentials_document` renders the JSON described in ``docs/dev/sandbox-contract.md``
+("The credentials JSON"), including ready-to-use Airflow connections and connection URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from joserfc.jwk import ECKey, RSAKey
+
+__all__ = [
+    "OVERRIDE_KEYS",
+    "AsymmetricClient",
+    "SandboxCredentials",
+    "credentials_document",
+    "make_credentials",
+]
+
+#: keys accepted by ``make_credentials(overrides=...)`` (CLI flags) -> SandboxCredentials field
+OVERRIDE_KEYS: Mapping[str, str] = {
+    "api_key": "api_key",
+    "username": "username",
+    "password": "password",
+    "client_id": "cc_client_id",
+    "client_secret": "cc_client_secret",
+    "cert_client_id": "cert_client_id",
+    "cert_client_secret": "cert_client_secret",
+}
+
+#: the scope the sandbox's certified Airflow connections ask for
+DEFAULT_CERTIFIED_SCOPE = "system/*.read"
+
+_RS384_FILE = "rs384-private.pem"
+_ES384_FILE = "es384-private.pem"
+
+
+@dataclass(frozen=True)
+class AsymmetricClient:
+    """A certified-track client that authenticates with a signed JWT assertion (``private_key_jwt``)."""
+
+    client_id: str
+    key_id: str
+    #: "RS384" or "ES384": the only algorithm this client's assertions may use
+    algorithm: str
+    private_key_pem: str
+    #: the public key as a JWK, with ``kid``, ``alg`` and ``use``
+    public_jwk: dict[str, Any]
+    #: where the private key is stored (``None`` when generated in memory)
+    private_key_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxCredentials:
+    """Everything the sandbox accepts: API key, users, OAuth clients and their keys."""
+
+    firm: str
+    # proprietary track, auth A (password grant + x-api-key)
+    api_key: str
+    username: str
+    password: str
+    # proprietary track, auth B (client_credentials at the Keycloak realm)
+    cc_client_id: str
+    cc_client_secret: str
+    # certified track, client_secret_post
+    cert_client_id: str
+    cert_client_secret: str
+    # certified track, private_key_jwt
+    rs384: AsymmetricClient
+    es384: AsymmetricClient
+
+    @property
+    def asymmetric_clients(self) -> tuple[AsymmetricClient, ...]:
+        """The registered ``private_key_jwt`` clients."""
+        return (self.rs384, self.es384)
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS (public keys only) of both asymmetric clients."""
+        return {"keys": [dict(c.public_jwk) for c in self.asymmetric_clients]}
+
+
+def _secret(label: str, firm: str, seed: int) -> str:
+    digest = hashlib.sha256(f"modmed-sandbox:{label}:{firm}:{seed}".encode()).hexdigest()
+    return digest[:28]
+
+
+def _thumbprint_hex(key: RSAKey | ECKey) -> str:
+    raw = key.thumbprint()
+    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
+
+
+def _write_private(path: Path, pem: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``pem`` unless it exists; True when this call wrote it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a key another process just wrote
+        except FileExistsError:
+            return False
+        except OSError:  # filesystems without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _load_or_generate(algorithm: str, data_dir: Path | None) -> tuple[RSAKey | ECKey, str | None]:
+    filename = _RS384_FILE if algorithm == "RS384" else _ES384_FILE
+    key_cls: type[RSAKey] | type[ECKey] = RSAKey if algorithm == "RS384" else ECKey
+
+    def generate() -> RSAKey | ECKey:
+        if algorithm == "RS384":
+            return RSAKey.generate_key(2048, private=True)
+        return ECKey.generate_key("P-384", private=True)
+
+    if data_dir is None:
+        return generate(), None
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = data_dir / filename
+    if not path.exists():
+        _write_private(path, generate().as_pem(private=True))
+    try:
+        key = key_cls.import_key(path.read_bytes())
+    except Exception as exc:
+        raise ValueError(f"{path} is not a valid {algorithm} private key (delete it to regenerate): "
+                         f"{exc}") from exc
+    if not key.is_private:
+        raise ValueError(f"{path} holds a public key; the sandbox needs the {algorithm} private key")
+    if isinstance(key, ECKey) and key.curve_name != "P-384":
+        raise ValueError(f"{path} is an EC {key.curve_name} key; ES384 needs P-384")
+    return key, str(path)
+
+
+def _asymmetric_client(client_id: str, algorithm: str, data_dir: Path | None) -> AsymmetricClient:
+    key, path = _load_or_generate(algorithm, data_dir)
+    key_id = f"sbx-{algorithm.lower()}-{_thumbprint_hex(key)[:8]}"
+    public = {str(k): v for k, v in key.as_dict(private=False).items()}
+    public.update({"kid": key_id, "alg": algorithm, "use": "sig"})
+    return AsymmetricClient(
+        client_id=client_id,
+        key_id=key_id,
+        algorithm=algorithm,
+        private_key_pem=key.as_pem(private=True).decode("ascii"),
+        public_jwk=public,
+        private_key_path=path,
+    )
+
+
+def make_credentials(*, firm: str = "apiportal", seed: int = 0, data_dir: Path | None = None,
+                     overrides: Mapping[str, str] | None = None) -> SandboxCredentials:
+    """Build the sandbox's credentials.
+
+    Secrets are derived from ``seed`` (same seed, same secrets). The two private keys are generated in
+    memory, or with ``data_dir`` read from ``rs384-private.pem`` / ``es384-private.pem`` there (created
+    with mode 0600 on first use), so printed credentials stay valid across restarts.
+    ``overrides`` (keys :data:`OVERRIDE_KEYS`: ``api_key``, ``username``, ``password``, ``client_id``,
+    ``client_secret``, ``cert_client_id``, ``cert_client_secret``) replace the derived values.
+    """
+    unknown = sorted(set(overrides or {}) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown credential override(s) {unknown}; allowed: {sorted(OVERRIDE_KEYS)}")
+    creds = SandboxCredentials(
+        firm=firm,
+        api_key=f"sbx-apikey-{_secret('api-key', firm, seed)}",
+        username="sbx-user",
+        password=f"sbx-password-{_secret('password', firm, seed)}",
+        cc_client_id="sbx-keycloak-client",
+        cc_client_secret=f"sbx-secret-{_secret('keycloak-client-secret', firm, seed)}",
+        cert_client_id="sbx-certified-secret-client",
+        cert_client_secret=f"sbx-secret-{_secret('certified-client-secret', firm, seed)}",
+        rs384=_asymmetric_client("sbx-certified-rs384", "RS384", data_dir),
+        es384=_asymmetric_client("sbx-certified-es384", "ES384", data_dir),
+    )
+    changes: dict[str, Any] = {OVERRIDE_KEYS[k]: v for k, v in (overrides or {}).items() if v is not None}
+    return replace(creds, **changes) if changes else creds
+
+
+def _connection_uri(conn_id: str, conn: Mapping[str, Any]) -> str:
+    from airflow.sdk import Connection  # lazy: importing Airflow takes about a second
+
+    return Connection(
+        conn_id=conn_id,
+        conn_type=conn["conn_type"],
+        host=conn.get("host"),
+        login=conn.get("login"),
+        password=conn.get("password"),
+        extra=json.dumps(conn["extra"]),
+    ).get_uri()
+
+
+def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url: str,
+                         env: str = "ema-dev") -> dict[str, Any]:
+    """The credentials JSON of the sandbox contract ("The credentials JSON").
+
+    ``airflow_connections`` values use Airflow's JSON connection format (usable as
+    ``AIRFLOW_CONN_<ID>``); ``airflow_connection_uris`` holds the same connections as URIs built by
+    ``airflow.sdk.Connection.get_uri()``.
+    """
+    api = api_url.rstrip("/")
+    firm = creds.firm
+    env_base = f"{api}/{env}/firm"
+    proprietary_fhir = f"{env_base}/{firm}/ema/fhir/v2"
+    proprietary_token = f"{env_base}/{firm}/ema/ws/oauth2/grant"
+    keycloak_token = f"{api}/auth/realms/ema-fhir/protocol/openid-connect/token"
+    certified_fhir = f"{api}/certified/{firm}/fhir/r4"
+    certified_token = f"{api}/certified/{firm}/auth/token"
+
+    def jwt_client(c: AsymmetricClient) -> dict[str, Any]:
+        return {"client_id": c.client_id, "key_id": c.key_id, "algorithm": c.algorithm,
+                "private_key": c.private_key_pem, "private_key_path": c.private_key_path}
+
+    proprietary_extra = {"track": "proprietary", "environment": "custom", "firm_url_prefix": firm}
+    certified_extra = {"track": "certified", "environment": "custom", "firm_url_prefix": firm}
+
+    def jwt_connection(c: AsymmetricClient) -> dict[str, Any]:
+        return {"conn_type": "modmed", "host": certified_fhir,
+                "extra": {**certified_extra, "auth_method": "private_key_jwt", "client_id": c.client_id,
+                          "private_key": c.private_key_pem, "key_id": c.key_id,
+                          "jwt_algorithm": c.algorithm, "scope": DEFAULT_CERTIFIED_SCOPE}}
+
+    connections: dict[str, dict[str, Any]] = {
+        "modmed_default": {
+            "conn_type": "modmed", "host": env_base, "login": creds.username, "password": creds.password,
+            "extra": {**proprietary_extra, "auth_method": "password", "api_key": creds.api_key},
+        },
+        "modmed_proprietary_cc": {
+            "conn_type": "modmed", "host": env_base,
+            "extra": {**proprietary_extra, "auth_method": "client_secret", "client_id": creds.cc_client_id,
+                      "client_secret": creds.cc_client_secret, "token_url": keycloak_token,
+                      "api_key": creds.api_key},
+        },
+        "modmed_certified": jwt_connection(creds.rs384),
+        "modmed_certified_es384": jwt_connection(creds.es384),
+        "modmed_certified_secret": {
+            "conn_type": "modmed", "host": certified_fhir,
+            "extra": {**certified_extra, "auth_method": "client_secret", "client_id": creds.cert_client_id,
+                      "client_secret": creds.cert_client_secret, "scope": DEFAULT_CERTIFIED_SCOPE},
+        },
+    }
+    return {
+        "firm_url_prefix": firm,
+        "api_url": api,
+        "storage_url": storage_url.rstrip("/"),
+        "proprietary": {
+            "env_base": env_base,
+            "fhir_base": proprietary_fhir,
+            "token_url": proprietary_token,
+            "api_key": creds.api_key,
+            "username": creds.username,
+            "password": creds.password,
+            "keycloak_token_url": keycloak_token,
+            "client_id": creds.cc_client_id,
+            "client_secret": creds.cc_client_secret,
+        },
+        "certified": {
+            "fhir_base": certified_fhir,
+            "token_url": certified_token,
+            "client_secret_post": {"client_id": creds.cert_client_id,
+                                   "client_secret": creds.cert_client_secret},
+            "private_key_jwt": jwt_client(creds.rs384),
+            "private_key_jwt_es384": jwt_client(creds.es384),
+        },
+        "airflow_connections": connections,
+        "airflow_connection_uris": {cid: _connection_uri(cid, c) for cid, c in connections.items()},
+    }

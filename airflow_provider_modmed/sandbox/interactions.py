@@ -1,0 +1,159 @@
+"""The sandbox's FHIR request handlers, one per interaction, shared by both tracks."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+
+from airflow_provider_modmed.capabilities import Interaction, Track
+from airflow_provider_modmed.sandbox.fhir_api import (
+    PRESIGNED_EXT,
+    RECONCILIATION_EXT,
+    TRANSACTION_ID_SYSTEM,
+    bundle,
+    check_interaction,
+    parse_filters,
+    parse_if_match,
+    search,
+    validate_resource,
+)
+from airflow_provider_modmed.sandbox.http import FhirError, fhir_response, read_json
+from airflow_provider_modmed.sandbox.state import SandboxState
+from airflow_provider_modmed.sandbox.store import Row
+
+_ID_PREFIX = {"ChargeItem": "CHG|", "Immunization": "1.120182.1."}
+
+
+def _etag(row: Row) -> dict[str, str]:
+    return {"ETag": f'W/"{row.version}"', "Last-Modified": row.body["meta"]["lastUpdated"]}
+
+
+def _location(fhir_base: str, row: Row) -> str:
+    from urllib.parse import quote
+
+    return f"{fhir_base}/{row.type}/{quote(row.id, safe='')}/_history/{row.version}"
+
+
+async def read(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+    rt, rid = request.path_params["rtype"], request.path_params["rid"]
+    check_interaction(track, rt, Interaction.READ)
+    row = state.store.get(rt, rid)
+    if row is None:
+        raise FhirError(404, "not-found", f"Resource {rt}/{rid} is not known")
+    if row.deleted:
+        raise FhirError(410, "deleted", f"Resource {rt}/{rid} has been deleted")
+    return fhir_response(row.body, headers=_etag(row))
+
+
+async def search_type(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+    rt = request.path_params["rtype"]
+    check_interaction(track, rt, Interaction.SEARCH)
+    query = request.query_params
+    if request.method == "POST":  # POST _search with a form body
+        form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
+        query = QueryParams([*query.multi_items(), *form])
+    page = search(state, track, rt, query, str(request.url), flags=request.headers.get("content-flag", ""))
+    return fhir_response(bundle(page, fhir_base))
+
+
+async def create(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+    rt = request.path_params["rtype"]
+    check_interaction(track, rt, Interaction.CREATE)
+    body: Any = await read_json(request)
+    if rt == "Binary":
+        return await _create_binary(state, body, fhir_base)
+    resource = validate_resource(body, rt)
+    if_none_exist = request.headers.get("if-none-exist")
+    if if_none_exist:
+        conditions = parse_filters(QueryParams(if_none_exist))
+        if not conditions:
+            raise FhirError(400, "invalid", "If-None-Exist must hold a supported search, e.g. identifier=...")
+        rows, total = state.store.search(rt, conditions, count=2, with_total=True)
+        if total and total > 1:
+            raise FhirError(412, "duplicate", f"If-None-Exist matched {total} {rt} resources")
+        if rows:
+            state.stats["conditional_create_matched"] += 1
+            return fhir_response(rows[0].body, 200, {**_etag(rows[0]), "Location": _location(fhir_base, rows[0])})
+    if rt == "ChargeItem":
+        _check_transaction_id(state, resource)
+    if rt == "Coverage":
+        rec = state.store.new_id("Coverage#reconciliation", "REC-")
+        resource.setdefault("extension", []).append({"url": RECONCILIATION_EXT, "valueString": rec})
+    if rt == "DocumentReference":
+        _check_attachment(state, resource)
+    row = state.store.create(resource, id_prefix=_ID_PREFIX.get(rt, ""))
+    state.stats[f"created:{rt}"] += 1
+    headers = {**_etag(row), "Location": _location(fhir_base, row)}
+    if state.faults.empty_create_body:
+        return Response(b"", status_code=201, headers=headers)
+    return fhir_response(row.body, 201, headers)
+
+
+def _check_transaction_id(state: SandboxState, resource: dict[str, Any]) -> None:
+    for ident in resource.get("identifier") or ():
+        if ident.get("system") == TRANSACTION_ID_SYSTEM and ident.get("value"):
+            from airflow_provider_modmed.sandbox.store import Filter
+
+            rows, _ = state.store.search("ChargeItem", [Filter("identifier", (
+                f"{TRANSACTION_ID_SYSTEM}|{ident['value']}",))], count=1)
+            if rows:
+                raise FhirError(409, "duplicate", f"Duplicate transactionId; existing ChargeItem/{rows[0].id}")
+
+
+def _check_attachment(state: SandboxState, resource: dict[str, Any]) -> None:
+    for content in resource.get("content") or ():
+        url = (content.get("attachment") or {}).get("url")
+        if not url:
+            continue
+        if url.startswith(state.storage_url):
+            key = url[len(state.storage_url):].split("?", 1)[0]
+            if key not in state.uploads:
+                raise FhirError(422, "invalid", "content.attachment.url: nothing was uploaded to this URL "
+                                "(PUT the file to the presigned URL first)")
+
+
+async def _create_binary(state: SandboxState, body: Any, fhir_base: str) -> Response:
+    content_type = "application/octet-stream"
+    if isinstance(body, dict):
+        if body.get("resourceType") not in (None, "Binary"):
+            raise FhirError(400, "invalid", "Binary body must be a Binary resource or empty")
+        content_type = body.get("contentType") or content_type
+    rid = state.store.new_id("Binary")
+    url = state.presign(f"/uploads/binary-{rid}")
+    state.stats["presigned_issued"] += 1
+    resource = {"resourceType": "Binary", "id": rid, "contentType": content_type,
+                "extension": [{"url": PRESIGNED_EXT, "valueUrl": url}]}
+    return fhir_response(resource, 201, {"Location": f"{fhir_base}/Binary/{rid}"})
+
+
+async def update(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+    rt, rid = request.path_params["rtype"], request.path_params["rid"]
+    check_interaction(track, rt, Interaction.UPDATE)
+    resource = validate_resource(await read_json(request), rt)
+    if resource.get("id") != rid:
+        raise FhirError(400, "invalid", f"Resource id '{resource.get('id')}' does not match the URL id '{rid}'")
+    expected = parse_if_match(request.headers.get("if-match"))
+    with state.lock:
+        current = state.store.get(rt, rid)
+        if current is None or current.deleted:
+            raise FhirError(404, "not-found", f"Resource {rt}/{rid} is not known")
+        if expected is not None and expected != current.version:
+            raise FhirError(412, "conflict", f"Version conflict: If-Match W/\"{expected}\" but {rt}/{rid} is "
+                            f"at version {current.version}")
+        row = state.store.update(resource)
+    state.stats[f"updated:{rt}"] += 1
+    return fhir_response(row.body, 200, {**_etag(row), "Location": _location(fhir_base, row)})
+
+
+async def delete(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
+    rt, rid = request.path_params["rtype"], request.path_params["rid"]
+    check_interaction(track, rt, Interaction.DELETE)
+    row = state.store.delete(rt, rid)
+    if row is None and state.store.get(rt, rid) is None:
+        raise FhirError(404, "not-found", f"Resource {rt}/{rid} is not known")
+    state.stats[f"deleted:{rt}"] += 1
+    return Response(b"", status_code=204)

@@ -1,0 +1,170 @@
+"""Run the sandbox: both listeners on loopback, in the foreground (CLI) or a background thread (tests).
+
+Usage from Python::
+
+    with SandboxServer(patients=30, seed=1) as sb:
+        httpx.get(sb.credentials["proprietary"]["fhir_base"] + "/metadata", ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from airflow_provider_modmed.sandbox.app import build_api_app, build_storage_app
+from airflow_provider_modmed.sandbox.state import SandboxConfig, SandboxState
+from airflow_provider_modmed.sandbox.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def build_state(config: SandboxConfig) -> SandboxState:
+    """Open (or create and seed) the store and the credentials for one sandbox."""
+    from airflow_provider_modmed.sandbox.bulk import BulkExports
+    from airflow_provider_modmed.sandbox.credentials import make_credentials
+    from airflow_provider_modmed.sandbox.seed import generate
+
+    db_path: Path | None = None
+    if config.data_dir is not None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        db_path = config.data_dir / "sandbox.sqlite3"
+    store = Store(db_path)
+    if store.is_empty():
+        started = time.monotonic()
+        n = store.load(generate(patients=config.patients, seed=config.seed))
+        log.info("seeded %d resources for %d patients in %.1f s", n, config.patients, time.monotonic() - started)
+    credentials = make_credentials(firm=config.firm, seed=config.seed, data_dir=config.data_dir,
+                                   overrides=config.credential_overrides)
+    state = SandboxState(config, store, credentials)
+    store._clock = state.now_ms  # the fault clock offset applies to meta.lastUpdated
+    state.exports = BulkExports(state)
+    return state
+
+
+class SandboxServer:
+    """Both sandbox listeners, run by uvicorn on one event loop."""
+
+    def __init__(self, config: SandboxConfig | None = None, **overrides: Any) -> None:
+        config = config or SandboxConfig(port=0)
+        self.config = dataclasses.replace(config, **overrides)
+        self.state: SandboxState | None = None
+        self._thread: threading.Thread | None = None
+        self._servers: list[uvicorn.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _prepare(self) -> tuple[list[socket.socket], SandboxState]:
+        state = build_state(self.config)
+        api_sock = _bind(self.config.host, self.config.port)
+        storage_sock = _bind(self.config.host, self.config.storage_port)
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        state.api_url = f"http://{host}:{api_sock.getsockname()[1]}"
+        state.storage_url = f"http://{host}:{storage_sock.getsockname()[1]}"
+        self.state = state
+        for app in (build_api_app(state), build_storage_app(state)):
+            cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                 timeout_keep_alive=30, limit_concurrency=None)
+            server = uvicorn.Server(cfg)
+            self._servers.append(server)
+        return [api_sock, storage_sock], state
+
+    async def serve(self) -> None:
+        """Serve until cancelled (the CLI's foreground mode)."""
+        sockets, _ = self._prepare()
+        await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in zip(self._servers, sockets, strict=True)))
+
+    def start(self) -> SandboxServer:
+        sockets, _ = self._prepare()
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                tasks = [loop.create_task(s.serve(sockets=[sock]))
+                         for s, sock in zip(self._servers, sockets, strict=True)]
+                loop.call_soon(ready.set)
+                loop.run_until_complete(asyncio.gather(*tasks))
+            except BaseException as exc:  # surfaced by start()/stop()
+                self._error = exc
+                ready.set()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="modmed-sandbox", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        deadline = time.monotonic() + 30
+        while not all(s.started for s in self._servers):
+            if self._error is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sandbox did not start: {self._error!r}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+        if self.state is not None:
+            self.state.store.close()
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- conveniences for tests and the demo ---------------------------------------------------
+    @property
+    def _st(self) -> SandboxState:
+        if self.state is None:
+            raise RuntimeError("the sandbox is not started")
+        return self.state
+
+    @property
+    def api_url(self) -> str:
+        return self._st.api_url
+
+    @property
+    def storage_url(self) -> str:
+        return self._st.storage_url
+
+    @property
+    def credentials(self) -> dict[str, Any]:
+        return self._st.credentials_document()
+
+    @property
+    def app_state(self) -> SandboxState:
+        return self._st
+
+    def faults(self, **values: Any) -> None:
+        self._st.apply_faults(values)
+
+    def reset_faults(self) -> None:
+        self._st.reset_faults()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._st.stats)
+
+    def reset_stats(self) -> None:
+        self._st.stats.clear()

@@ -1,0 +1,206 @@
+"""Everything the sandbox remembers between requests, besides resources: config, tokens, faults, counters."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_modmed.sandbox.store import Store
+
+#: the `env` path segments the proprietary track answers on
+ENVIRONMENTS = ("ema-dev", "ema-training", "ema-prod")
+
+
+@dataclass
+class SandboxConfig:
+    """Start-up settings of one sandbox (the ``modmed-sandbox serve`` flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8899
+    storage_port: int = 0
+    data_dir: Path | None = None
+    patients: int = 100
+    seed: int = 0
+    firm: str = "apiportal"
+    rate_limit_per_minute: int = 1000
+    token_ttl: float = 3600.0
+    certified_token_ttl: float = 1800.0
+    keycloak_token_ttl: float = 900.0
+    latency_ms: float = 0.0
+    presign_ttl: float = 300.0
+    #: seconds a bulk export job "runs" before its manifest is ready
+    export_seconds: float = 1.0
+    #: Retry-After the status endpoint answers while a job runs
+    export_retry_after: int = 1
+    #: proprietary password-grant answers carry no expires_in (ModMed's quirk)
+    omit_expires_in: bool = True
+    credential_overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Token:
+    """An issued access token."""
+
+    value: str
+    track: str  # proprietary | certified
+    subject: str
+    expires_at: float
+    scopes: tuple[str, ...] = ()
+    api_key: str | None = None
+
+
+@dataclass
+class Faults:
+    """Switchable misbehaviour, set through ``POST /_sandbox/faults`` or CLI flags."""
+
+    latency_ms: float = 0.0
+    #: answer the next `count` API calls with `status` (OperationOutcome body unless bodiless)
+    fail_status: int = 503
+    fail_count: int = 0
+    fail_bodiless: bool = False
+    #: only calls whose path contains this string are failed (empty: any API call)
+    fail_path: str = ""
+    #: the next N FHIR calls answer 429 regardless of budget
+    rate_storm: int = 0
+    #: the next N FHIR answers are cut mid-body (connection dropped)
+    drop_next: int = 0
+    #: the next N storage downloads are truncated mid-body
+    truncate_downloads: int = 0
+    slow_download_ms: float = 0.0
+    #: creates answer 201 with an empty body and only Location
+    empty_create_body: bool = False
+    #: the server clock runs this many milliseconds off the real clock
+    clock_offset_ms: int = 0
+
+    def update(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if key == "fail_next":
+                self.fail_status = int(value.get("status", 503))
+                self.fail_count = int(value.get("count", 1))
+                self.fail_bodiless = bool(value.get("bodiless", False))
+                self.fail_path = str(value.get("path", ""))
+            elif key in ("expire_tokens", "expire_presigned", "revoke_refresh_tokens"):
+                continue  # actions, handled by SandboxState.apply_faults
+            elif hasattr(self, key):
+                setattr(self, key, type(getattr(self, key))(value))
+            else:
+                raise KeyError(key)
+
+
+class SandboxState:
+    """Shared by the API and the storage listener."""
+
+    def __init__(self, config: SandboxConfig, store: Store, credentials: Any) -> None:
+        self.config = config
+        self.store = store
+        self.credentials = credentials
+        self.faults = Faults(latency_ms=config.latency_ms)
+        self.tokens: dict[str, Token] = {}
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> username
+        self.refresh_tokens_by_user: dict[str, str] = {}
+        self.seen_jti: dict[str, float] = {}
+        self.stats: Counter[str] = Counter()
+        self._windows: dict[str, deque[float]] = {}
+        self.lock = threading.RLock()
+        self.signing_key = secrets.token_bytes(32)
+        #: presigned URLs issued before this instant (µs) are expired by the expire_presigned fault
+        self.presign_revoked_before = 0
+        self.uploads: dict[str, bytes] = {}
+        self.api_url = ""
+        self.storage_url = ""
+        self.exports: Any = None  # BulkExports, set by the app
+
+    # -- clock -------------------------------------------------------------------------------
+    def now(self) -> float:
+        return time.time() + self.faults.clock_offset_ms / 1000
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
+
+    # -- tokens ------------------------------------------------------------------------------
+    def issue(self, track: str, subject: str, ttl: float, scopes: tuple[str, ...] = (),
+              api_key: str | None = None) -> Token:
+        token = Token(secrets.token_urlsafe(32), track, subject, time.time() + ttl, scopes, api_key)
+        with self.lock:
+            self.tokens[token.value] = token
+        return token
+
+    def valid_token(self, value: str, track: str) -> Token | None:
+        token = self.tokens.get(value)
+        if token is None or token.track != track or token.expires_at <= time.time():
+            return None
+        return token
+
+    def expire_tokens(self) -> None:
+        with self.lock:
+            for token in self.tokens.values():
+                token.expires_at = 0.0
+
+    # -- rate limit (per API key, per minute, moving window) ---------------------------------
+    def take_budget(self, api_key: str) -> bool:
+        limit = self.config.rate_limit_per_minute
+        now = time.monotonic()
+        with self.lock:
+            window = self._windows.setdefault(api_key, deque())
+            while window and window[0] <= now - 60.0:
+                window.popleft()
+            if len(window) >= limit:
+                return False
+            window.append(now)
+            return True
+
+    # -- presigned URLs ----------------------------------------------------------------------
+    def sign(self, path: str, issued: int, expires: int) -> str:
+        message = f"{path}\n{issued}\n{expires}".encode()
+        return hmac.new(self.signing_key, message, hashlib.sha256).hexdigest()
+
+    def presign(self, path: str, ttl: float | None = None) -> str:
+        """A URL on the storage listener, valid for ``ttl`` seconds (default: ``--presign-ttl``)."""
+        issued = time.time_ns() // 1000
+        expires = int(time.time() + (self.config.presign_ttl if ttl is None else ttl))
+        return (f"{self.storage_url}{path}?X-Amz-Date={issued}&X-Amz-Expires={expires}"
+                f"&X-Amz-Signature={self.sign(path, issued, expires)}")
+
+    def check_presigned(self, path: str, issued: str, expires: str, signature: str) -> str | None:
+        """None when valid, else the reason."""
+        try:
+            iss, exp = int(issued), int(expires)
+        except ValueError:
+            return "AuthorizationQueryParametersError"
+        if not hmac.compare_digest(self.sign(path, iss, exp), signature or ""):
+            return "SignatureDoesNotMatch"
+        if exp <= time.time() or iss <= self.presign_revoked_before:
+            return "Request has expired"
+        return None
+
+    def credentials_document(self) -> dict[str, Any]:
+        from airflow_provider_modmed.sandbox.credentials import credentials_document
+
+        return credentials_document(self.credentials, api_url=self.api_url, storage_url=self.storage_url)
+
+    def revoke_refresh_tokens(self) -> None:
+        with self.lock:
+            self.refresh_tokens.clear()
+            self.refresh_tokens_by_user.clear()
+
+    def apply_faults(self, values: dict[str, Any]) -> None:
+        with self.lock:
+            self.faults.update(values)
+            if values.get("expire_tokens"):
+                self.expire_tokens()
+            if values.get("revoke_refresh_tokens"):
+                self.revoke_refresh_tokens()
+            if values.get("expire_presigned"):
+                self.presign_revoked_before = time.time_ns() // 1000
+
+    def reset_faults(self) -> None:
+        with self.lock:
+            self.faults = Faults()
+            self.presign_revoked_before = 0

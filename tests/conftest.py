@@ -1,0 +1,39 @@
+"""Shared fixtures: the sandbox on a free loopback port, and the missing-part policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from airflow_provider_modmed.sandbox.server import SandboxServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_binary(name: str) -> str:
+    """The path of a program the test needs: skip on a laptop without it, fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package; `make system-deps` installs it as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxServer]:
+    """One sandbox for the session: 40 patients, fast bulk jobs, a generous rate limit."""
+    with SandboxServer(patients=40, seed=7, export_seconds=0.3, rate_limit_per_minute=100_000) as sb:
+        yield sb
+
+
+@pytest.fixture
+def sb(sandbox: SandboxServer) -> Iterator[SandboxServer]:
+    """The session sandbox with faults cleared before and after the test."""
+    sandbox.reset_faults()
+    yield sandbox
+    sandbox.reset_faults()
