@@ -1,0 +1,78 @@
+"""The Airflow-free ModMed client: config, auth flows, rate budget, retries, FHIR flows, two faces.
+
+Usable from any Python program::
+
+    from airflow_provider_modmed.client import ClientConfig, FhirClient
+
+    config = ClientConfig(track="proprietary", fhir_base=".../apiportal/ema/fhir/v2", firm="apiportal",
+                          api_key=..., username=..., password=...)
+    with FhirClient(config) as client:
+        for patient in client.search("Patient", {"family": "Smith"}):
+            ...
+"""
+
+from __future__ import annotations
+
+from airflow_provider_modmed.client._flows import (
+    Emit,
+    FhirContext,
+    InvalidIdError,
+    Sleep,
+    adrive,
+    aiterate,
+    drive,
+    encode_id,
+    iterate,
+    next_page_request,
+    validate_id,
+)
+from airflow_provider_modmed.client.auth import (
+    NO_CREDENTIALS,
+    ClientCredentialsAuth,
+    ModMedAuth,
+    PasswordGrantAuth,
+    SmartBackendAuth,
+    TokenCache,
+    auth_from_config,
+    token_cache,
+)
+from airflow_provider_modmed.client.config import (
+    AuthMethod,
+    ClientConfig,
+    certified_fhir_base,
+    proprietary_fhir_base,
+)
+from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
+from airflow_provider_modmed.client.limiter import RateBudget
+from airflow_provider_modmed.client.retry import retry_after_seconds, retry_kwargs
+
+__all__ = [
+    "NO_CREDENTIALS",
+    "AsyncFhirClient",
+    "AuthMethod",
+    "ClientConfig",
+    "ClientCredentialsAuth",
+    "Emit",
+    "FhirClient",
+    "FhirContext",
+    "InvalidIdError",
+    "ModMedAuth",
+    "PasswordGrantAuth",
+    "RateBudget",
+    "Sleep",
+    "SmartBackendAuth",
+    "TokenCache",
+    "adrive",
+    "aiterate",
+    "auth_from_config",
+    "certified_fhir_base",
+    "drive",
+    "encode_id",
+    "iterate",
+    "next_page_request",
+    "proprietary_fhir_base",
+    "retry_after_seconds",
+    "retry_kwargs",
+    "token_cache",
+    "validate_id",
+]

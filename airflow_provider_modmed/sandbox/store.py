@@ -175,6 +175,11 @@ class Store:
         params: list[tuple[str, str, str, str]] = []
         with self._lock, self._tx():
             seq = self._max_seq()
+            # indexes are cheaper built once after a bulk load than kept up to date row by row
+            indexes = self._db.execute("SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL "
+                                       "AND tbl_name IN ('params', 'resources')").fetchall()
+            for name, _ in indexes:
+                self._db.execute(f"DROP INDEX {name}")
             for res in resources:
                 seq += 1
                 n += 1
@@ -189,6 +194,8 @@ class Store:
             self._db.execute(
                 "INSERT OR REPLACE INTO counters SELECT type, MAX(CAST(id AS INTEGER)) + 1 FROM resources "
                 "WHERE id GLOB '[0-9]*' AND id NOT GLOB '*[^0-9]*' GROUP BY type")
+            for _, sql in indexes:
+                self._db.execute(sql)
         return n
 
     def _flush(self, rows: list[tuple[Any, ...]], params: list[tuple[str, str, str, str]]) -> None:

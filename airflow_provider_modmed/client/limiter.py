@@ -1,0 +1,166 @@
+"""The rate budget: requests per minute per API key, enforced before a request is sent.
+
+A `limits` moving window. ``memory://`` (the default) counts within one process; any other `limits`
+storage URI (``redis://host:6379/0``) shares one budget across processes and workers. Over budget,
+:meth:`RateBudget.acquire` sleeps until the window frees a slot: it waits, it never fails.
+
+The budget is keyed by the firm plus a digest of the API key (never the key itself). The sync face
+(`limits.strategies`) and the async face (`limits.aio.strategies`) apply the same policy; with
+``memory://`` they keep separate counters (one per event loop for the async face).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+from airflow_provider_modmed.client.config import ClientConfig
+from airflow_provider_modmed.errors import ConfigurationError, TransportError
+
+log = logging.getLogger("airflow_provider_modmed.client")
+
+_NAMESPACE = "modmed"
+_MIN_WAIT = 0.005
+
+_sync_storages: dict[str, Any] = {}
+_async_storages: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_registry_lock = threading.Lock()
+
+
+def sync_storage_uri(uri: str) -> str:
+    """The synchronous form of a `limits` storage URI (drops an ``async+`` prefix)."""
+    return uri[len("async+"):] if uri.startswith("async+") else uri
+
+
+def async_storage_uri(uri: str) -> str:
+    """The ``async+`` form of a `limits` storage URI."""
+    return uri if uri.startswith("async+") else f"async+{uri}"
+
+
+def _storage_options(uri: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"wrap_exceptions": True}  # storage failures surface as StorageError
+    # limits' async redis storage defaults to coredis; fall back to redis-py (the [redis] extra)
+    if uri.startswith("async+") and "redis" in uri.split("://", 1)[0] \
+            and importlib.util.find_spec("coredis") is None:
+        options["implementation"] = "redispy"
+    return options
+
+
+def _unreachable(uri: str, exc: StorageError) -> TransportError:
+    cause = exc.storage_error
+    return TransportError(f"rate-limit storage {sync_storage_uri(uri).split('://', 1)[0]}:// is unreachable "
+                          f'(extra field "rate_limit_storage_uri"): {type(cause).__name__}')
+
+
+def _build(uri: str, options: dict[str, Any]) -> Any:
+    try:
+        return storage_from_string(uri, **options)
+    except Exception as exc:  # limits raises its own ConfigurationError, or ImportError for drivers
+        raise ConfigurationError(
+            f"rate_limit_storage_uri {uri.split('://', 1)[0]}:// cannot be used "
+            f'(extra field "rate_limit_storage_uri"): {type(exc).__name__}: {exc}'
+        ) from None
+
+
+def _sync_storage(uri: str) -> Any:
+    uri = sync_storage_uri(uri)
+    with _registry_lock:
+        storage = _sync_storages.get(uri)
+        if storage is None:
+            storage = _sync_storages[uri] = _build(uri, _storage_options(uri))
+        return storage
+
+
+def _async_storage(uri: str) -> Any:
+    uri = async_storage_uri(uri)
+    loop = asyncio.get_running_loop()
+    with _registry_lock:
+        per_loop = _async_storages.setdefault(loop, {})
+        storage = per_loop.get(uri)
+        if storage is None:
+            storage = per_loop[uri] = _build(uri, _storage_options(uri))
+        return storage
+
+
+class RateBudget:
+    """A moving-window request budget shared by every client using the same key and storage.
+
+    ``rate`` is a `limits` rate string (``"1000/minute"``, ``"5/second"``) or item. ``key`` identifies
+    the budget (use :attr:`ClientConfig.budget_key`: firm + API-key digest). ``sleep``/``asleep`` and
+    ``clock`` are injectable for tests.
+    """
+
+    def __init__(self, rate: str | RateLimitItem = "1000/minute", storage_uri: str = "memory://",
+                 key: str = "default", *, sleep: Callable[[float], None] = time.sleep,
+                 asleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.item: RateLimitItem = parse(rate) if isinstance(rate, str) else rate
+        self.storage_uri = storage_uri
+        self.key = key
+        self._sleep = sleep
+        self._asleep = asleep
+        self._clock = clock
+        self._limiter: MovingWindowRateLimiter | None = None
+
+    @classmethod
+    def from_config(cls, config: ClientConfig, **kwargs: Any) -> RateBudget:
+        """The budget of one connection: ``rate_limit_per_minute`` on ``rate_limit_storage_uri``."""
+        return cls(f"{config.rate_limit_per_minute}/minute", config.rate_limit_storage_uri,
+                   config.budget_key, **kwargs)
+
+    @property
+    def _ids(self) -> tuple[str, str]:
+        return _NAMESPACE, self.key
+
+    def _wait_for(self, reset_time: float) -> float:
+        return min(max(reset_time - self._clock(), _MIN_WAIT), float(self.item.get_expiry()))
+
+    def acquire(self) -> float:
+        """Take one request from the budget, sleeping while it is spent. Returns the seconds waited."""
+        if self._limiter is None:
+            self._limiter = MovingWindowRateLimiter(_sync_storage(self.storage_uri))
+        waited = 0.0
+        try:
+            while not self._limiter.hit(self.item, *self._ids):
+                stats = self._limiter.get_window_stats(self.item, *self._ids)
+                delay = self._wait_for(stats.reset_time)
+                if waited == 0.0:
+                    log.info("modmed: rate budget %s spent; waiting %.2fs", self.item, delay)
+                self._sleep(delay)
+                waited += delay
+        except StorageError as exc:
+            raise _unreachable(self.storage_uri, exc) from exc
+        return waited
+
+    async def aacquire(self) -> float:
+        """Async :meth:`acquire` (``limits.aio``): awaits while the budget is spent."""
+        limiter = AsyncMovingWindowRateLimiter(_async_storage(self.storage_uri))
+        waited = 0.0
+        try:
+            while not await limiter.hit(self.item, *self._ids):
+                stats = await limiter.get_window_stats(self.item, *self._ids)
+                delay = self._wait_for(stats.reset_time)
+                if waited == 0.0:
+                    log.info("modmed: rate budget %s spent; waiting %.2fs", self.item, delay)
+                await self._asleep(delay)
+                waited += delay
+        except StorageError as exc:
+            raise _unreachable(self.storage_uri, exc) from exc
+        return waited
+
+    def __repr__(self) -> str:
+        return f"RateBudget({self.item}, storage={self.storage_uri.split('://', 1)[0]}://)"

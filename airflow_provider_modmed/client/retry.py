@@ -1,0 +1,178 @@
+"""The retry policy: one tenacity kwargs dict, driving ``Retrying`` (sync) and ``AsyncRetrying`` (async).
+
+What is retried, and when:
+
+* 429 on any method: the server refused the call before acting on it. ModMed sends no ``Retry-After``,
+  so the wait is jittered exponential backoff; a ``Retry-After`` (seconds or HTTP-date) is honoured and
+  clamped.
+* 500/502/503/504, timeouts and broken connections: only when resending is safe: an idempotent method,
+  a POST the caller marked safe (conditional create with ``If-None-Exist``, a ChargeItem carrying its
+  ``transactionId``), or a token request.
+* Connect errors and pool timeouts on any method: the request never left.
+* :class:`ServerError`/:class:`RateLimitedError` raised by the auth flow: the token endpoint failed, so
+  the FHIR request never left.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import inspect
+import logging
+import time
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from airflow_provider_modmed.errors import RateLimitedError, ServerError
+
+log = logging.getLogger("airflow_provider_modmed.client")
+
+#: statuses worth another try
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: methods that may be resent after the server may have acted on them
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+#: request extension: the flow knows this non-idempotent request is safe to resend
+SAFE_TO_RETRY = "modmed.safe_to_retry"
+#: request extension: a token or discovery request made by an auth flow
+TOKEN_REQUEST = "modmed.token_request"  # noqa: S105
+#: request extension: what the call is, for logs and errors ("read Patient"); never ids or values
+WHAT = "modmed.what"
+
+#: tenacity 9.2 renamed wait_exponential_jitter's ``initial`` to ``multiplier`` (older: ``initial`` only)
+_FIRST_WAIT = ("multiplier" if "multiplier" in inspect.signature(wait_exponential_jitter.__init__).parameters
+               else "initial")
+
+#: defaults: first backoff, largest backoff, largest honoured Retry-After (seconds)
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 30.0
+RETRY_AFTER_CAP = 120.0
+
+
+def describe(request: httpx.Request | None) -> str:
+    """``"read Patient"``-style label of a request, safe to log."""
+    if request is None:
+        return "request"
+    what = request.extensions.get(WHAT)
+    return str(what) if what else request.method
+
+
+def is_safe_to_resend(request: httpx.Request) -> bool:
+    """Whether resending ``request`` cannot create a duplicate."""
+    ext = request.extensions
+    return (
+        request.method in IDEMPOTENT_METHODS
+        or bool(ext.get(SAFE_TO_RETRY))
+        or bool(ext.get(TOKEN_REQUEST))
+        or "If-None-Exist" in request.headers
+    )
+
+
+def should_retry_response(response: httpx.Response) -> bool:
+    """Retry decision for an answer (the request reached the server)."""
+    status = response.status_code
+    if status == 429:
+        return True
+    return status in RETRYABLE_STATUSES and is_safe_to_resend(response.request)
+
+
+def _request_of(exc: BaseException) -> httpx.Request | None:
+    try:
+        return exc.request if isinstance(exc, httpx.RequestError) else None
+    except RuntimeError:  # httpx raises when no request was attached
+        return None
+
+
+def should_retry_exception(exc: BaseException) -> bool:
+    """Retry decision for a call that got no usable answer."""
+    if isinstance(exc, (ServerError, RateLimitedError)):
+        return True  # raised by the auth flow's token request: the FHIR request never left
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return True  # never left
+    if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)):
+        request = _request_of(exc)
+        return request is not None and is_safe_to_resend(request)
+    return False
+
+
+def retry_after_seconds(response: httpx.Response, cap: float = RETRY_AFTER_CAP,
+                        now: float | None = None) -> float | None:
+    """The ``Retry-After`` header in seconds (delta or HTTP-date), clamped to ``[0, cap]``; None if absent."""
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    seconds: float
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+class RetryAfterOrBackoff:
+    """tenacity wait: the answer's ``Retry-After`` when present, else jittered exponential backoff."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX,
+                 retry_after_cap: float = RETRY_AFTER_CAP) -> None:
+        self.backoff = wait_exponential_jitter(**{_FIRST_WAIT: initial}, max=maximum, jitter=initial)
+        self.retry_after_cap = retry_after_cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            result = outcome.result()
+            if isinstance(result, httpx.Response):
+                seconds = retry_after_seconds(result, self.retry_after_cap)
+                if seconds is not None:
+                    return seconds
+        return float(self.backoff(retry_state))
+
+
+def _give_up(retry_state: RetryCallState) -> Any:
+    """Out of attempts: hand back the last answer (the caller maps it to a typed error) or re-raise."""
+    assert retry_state.outcome is not None
+    return retry_state.outcome.result()
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    outcome = retry_state.outcome
+    wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+    if outcome is None:
+        return
+    if outcome.failed:
+        exc = outcome.exception()
+        why, what = type(exc).__name__, describe(_request_of(exc) if exc else None)
+    else:
+        result = outcome.result()
+        why, what = f"HTTP {result.status_code}", describe(result.request)
+    log.warning("modmed: %s got %s; retry %d in %.2fs", what, why, retry_state.attempt_number, wait)
+
+
+def retry_kwargs(max_retries: int = 5, *, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX,
+                 retry_after_cap: float = RETRY_AFTER_CAP) -> dict[str, Any]:
+    """The one policy: ``Retrying(**retry_kwargs())`` and ``AsyncRetrying(**retry_kwargs())``.
+
+    The retried call returns an ``httpx.Response``; when attempts run out the last response is returned
+    (the flow turns it into a typed error) and the last exception is re-raised.
+    """
+    return {
+        "stop": stop_after_attempt(max_retries + 1),
+        "wait": RetryAfterOrBackoff(initial, maximum, retry_after_cap),
+        "retry": retry_if_exception(should_retry_exception) | retry_if_result(should_retry_response),
+        "retry_error_callback": _give_up,
+        "before_sleep": _log_retry,
+        "reraise": True,
+    }

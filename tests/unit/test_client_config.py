@@ -1,0 +1,142 @@
+"""ClientConfig validation: errors name the field, where it lives, and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from airflow_provider_modmed.capabilities import Track
+from airflow_provider_modmed.client.config import (
+    AuthMethod,
+    ClientConfig,
+    certified_fhir_base,
+    is_loopback,
+    proprietary_fhir_base,
+)
+from airflow_provider_modmed.errors import ConfigurationError
+
+BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
+CERT = "https://apiportal.mmi.prod.fhir.ema-api.com/fhir/r4"
+
+
+def pem(key: Any) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+RSA_PEM = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+P384_PEM = pem(ec.generate_private_key(ec.SECP384R1()))
+P256_PEM = pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def prop(**over: Any) -> ClientConfig:
+    values: dict[str, Any] = {"track": "proprietary", "fhir_base": BASE, "firm": "apiportal",
+                              "api_key": "k", "username": "u", "password": "p", **over}
+    return ClientConfig(**values)
+
+
+def cert(**over: Any) -> ClientConfig:
+    values: dict[str, Any] = {"track": "certified", "fhir_base": CERT, "auth_method": "private_key_jwt",
+                              "client_id": "c", "private_key": RSA_PEM, "key_id": "kid", **over}
+    return ClientConfig(**values)
+
+
+def test_defaults_and_normalisation() -> None:
+    cfg = prop(track="Proprietary", fhir_base=BASE + "/")
+    assert cfg.track is Track.PROPRIETARY
+    assert cfg.auth_method is AuthMethod.PASSWORD
+    assert cfg.fhir_base == BASE
+    assert cfg.verify is True
+    assert cfg.rate_limit_per_minute == 1000
+    assert cfg.rate_limit_storage_uri == "memory://"
+    assert cfg.password_grant_url == "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/ws/oauth2/grant"
+    assert proprietary_fhir_base("https://stage.ema-api.com/ema-dev/firm/", "apiportal") == BASE
+    assert certified_fhir_base("apiportal") == CERT
+
+
+def test_secrets_stay_out_of_repr_and_keys() -> None:
+    cfg = prop(api_key="KEY-SECRET", password="PW-SECRET")
+    assert "KEY-SECRET" not in repr(cfg)
+    assert "PW-SECRET" not in repr(cfg)
+    assert "KEY-SECRET" not in cfg.budget_key
+    assert cfg.budget_key.startswith("apiportal:")
+    assert prop(api_key="other").budget_key != cfg.budget_key
+    assert "PW-SECRET" not in cfg.credential_key
+
+
+@pytest.mark.parametrize(("over", "needle"), [
+    ({"api_key": None}, 'api_key is required for track=\'proprietary\' (extra field "api_key")'),
+    ({"username": ""}, 'username is required for auth_method=\'password\' (connection field "Login")'),
+    ({"password": None}, '(connection field "Password")'),
+    ({"track": "sandbox"}, "track must be 'proprietary' or 'certified'"),
+    ({"auth_method": "magic"}, 'auth_method must be one of'),
+    ({"auth_method": "private_key_jwt"}, "is for track='certified'"),
+    ({"auth_method": "client_secret", "client_id": "c", "client_secret": "s"},
+     'token_url is required for auth_method=\'client_secret\' on track=\'proprietary\''),
+    ({"fhir_base": ""}, "fhir_base is required"),
+    ({"fhir_base": "ftp://x/y"}, "must be an absolute https:// URL"),
+    ({"fhir_base": "stage.ema-api.com/fhir"}, "must be an absolute https:// URL"),
+    ({"fhir_base": "http://stage.ema-api.com/ema/fhir/v2"}, "plain http://"),
+    ({"fhir_base": BASE + "?x=1"}, "query"),
+    ({"token_url": "http://10.0.0.5/token"}, 'token_url uses plain http://'),
+    ({"rate_limit_per_minute": 0}, "rate_limit_per_minute must be a positive integer"),
+    ({"rate_limit_storage_uri": "redis"}, "rate_limit_storage_uri"),
+    ({"timeout": 0}, "timeout"),
+    ({"max_retries": -1}, "max_retries"),
+    ({"verify": "/no/such/ca.pem"}, "verify names a CA bundle that does not exist"),
+    ({"fhir_base": "https://h/fhir"}, "token_url is required for auth_method='password'"),
+])
+def test_proprietary_errors_name_the_field(over: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        prop(**over)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(("over", "needle"), [
+    ({"auth_method": "password"}, "auth_method='password' is for track='proprietary'"),
+    ({"client_id": None}, 'client_id is required for auth_method=\'private_key_jwt\' (extra field "client_id")'),
+    ({"private_key": None}, 'private_key is required'),
+    ({"key_id": None}, 'key_id is required'),
+    ({"jwt_algorithm": "RS256"}, "jwt_algorithm must be RS384 or ES384"),
+    ({"private_key": "not a pem"}, "private_key is not an RSA private key"),
+    ({"private_key": P384_PEM}, "private_key is not an RSA private key"),
+    ({"private_key": RSA_PEM, "jwt_algorithm": "ES384"}, "not an EC P-384"),
+    ({"private_key": P256_PEM, "jwt_algorithm": "ES384"}, "P-256 key but ES384 needs P-384"),
+    ({"auth_method": "client_secret"}, "client_secret is required"),
+])
+def test_certified_errors_name_the_field(over: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        cert(**over)
+    assert needle in str(err.value)
+    assert "BEGIN" not in str(err.value)
+
+
+def test_valid_certified_configs() -> None:
+    assert cert().track is Track.CERTIFIED
+    assert cert(private_key=P384_PEM, jwt_algorithm="ES384").jwt_algorithm == "ES384"
+    assert cert(auth_method="client_secret", private_key=None, client_secret="s").auth_method is \
+        AuthMethod.CLIENT_SECRET
+
+
+@pytest.mark.parametrize(("host", "loop"), [
+    ("127.0.0.1", True), ("127.5.6.7", True), ("localhost", True), ("::1", True), ("[::1]", True),
+    ("10.0.0.1", False), ("example.com", False), ("128.0.0.1", False),
+])
+def test_loopback(host: str, loop: bool) -> None:
+    assert is_loopback(host) is loop
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:8899/ema-dev/firm/apiportal/ema/fhir/v2",
+                                  "http://localhost:1/ema/fhir/v2", "http://[::1]:80/ema/fhir/v2"])
+def test_plain_http_only_for_loopback(base: str) -> None:
+    assert prop(fhir_base=base).fhir_base == base
+
+
+def test_verify_accepts_a_ca_bundle(tmp_path: Any) -> None:
+    import certifi
+
+    assert prop(verify=certifi.where()).verify == certifi.where()
+    assert prop(verify=False).verify is False

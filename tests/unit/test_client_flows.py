@@ -1,0 +1,414 @@
+"""Flows fed canned httpx.Responses by hand, and the two drivers over the same flows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from airflow_provider_modmed.capabilities import Capabilities, Track, Variant
+from airflow_provider_modmed.client import _flows as flows
+from airflow_provider_modmed.client._flows import Emit, FhirContext, Sleep
+from airflow_provider_modmed.client.retry import SAFE_TO_RETRY, WHAT
+from airflow_provider_modmed.errors import (
+    AuthError,
+    CapabilityError,
+    ConfigurationError,
+    ConflictError,
+    ModMedError,
+    NotFoundError,
+    ServerError,
+    ValidationError,
+)
+
+BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
+PROP = FhirContext(Track.PROPRIETARY, BASE)
+CERT = FhirContext(Track.CERTIFIED, "https://apiportal.mmi.prod.fhir.ema-api.com/fhir/r4")
+
+
+def bundle(ids: list[str], next_url: str | None = None, rtype: str = "Patient") -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "resourceType": "Bundle", "type": "searchset", "total": len(ids),
+        "entry": [{"resource": {"resourceType": rtype, "id": i}, "search": {"mode": "match"}} for i in ids],
+        "link": [{"relation": "self", "url": f"{BASE}/{rtype}"}],
+    }
+    if next_url:
+        out["link"].append({"relation": "next", "url": next_url})
+    return out
+
+
+def outcome(code: str, diagnostics: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}
+
+
+def by_hand(flow: flows.Flow[Any], answers: list[httpx.Response]) -> tuple[Any, list[httpx.Request], list[Any]]:
+    """Drive ``flow`` feeding ``answers`` in order: (result, requests seen, emitted values)."""
+    requests: list[httpx.Request] = []
+    emitted: list[Any] = []
+    out: Any = None
+    while True:
+        try:
+            step = flow.send(out)
+        except StopIteration as done:
+            return done.value, requests, emitted
+        out = None
+        if isinstance(step, Emit):
+            emitted.append(step.value)
+        elif isinstance(step, httpx.Request):
+            requests.append(step)
+            out = answers.pop(0)
+
+
+# -- read, ids -----------------------------------------------------------------------------------
+
+def test_read_builds_one_get_and_returns_the_resource() -> None:
+    result, requests, _ = by_hand(flows.read(PROP, "Patient", "12"),
+                                  [httpx.Response(200, json={"resourceType": "Patient", "id": "12"})])
+    assert result == {"resourceType": "Patient", "id": "12"}
+    (req,) = requests
+    assert req.method == "GET"
+    assert str(req.url) == f"{BASE}/Patient/12"
+    assert req.headers["Accept"] == "application/fhir+json"
+    assert req.extensions[WHAT] == "read Patient"
+
+
+@pytest.mark.parametrize(("rid", "encoded"), [
+    ("pay|7225", "pay%7C7225"), ("CHG|123", "CHG%7C123"), ("note|991", "note%7C991"),
+    ("1.120182.1.17082675", "1.120182.1.17082675"), ("abc-DEF-9", "abc-DEF-9"),
+])
+def test_ids_are_encoded_as_one_segment(rid: str, encoded: str) -> None:
+    assert flows.encode_id(rid) == encoded
+    rtype = "Immunization" if "." in rid else "Organization"
+    ctx = CERT if rtype == "Immunization" else PROP
+    _, requests, _ = by_hand(flows.read(ctx, rtype, rid),
+                             [httpx.Response(200, json={"resourceType": rtype, "id": rid})])
+    assert requests[0].url.raw_path.decode().endswith(f"/{rtype}/{encoded}")
+
+
+@pytest.mark.parametrize("rid", [
+    "../Patient/1", "..", ".", "1/2", "1?x=2", "1#frag", "a b", "", "pay|72|25", "a..b", "%2e%2e",
+    "x" * 65, "1\n2", "Patient/1", "|1", "1|",
+])
+def test_hostile_ids_are_refused_before_any_request(rid: str) -> None:
+    with pytest.raises(flows.InvalidIdError) as err:
+        flows.read(PROP, "Patient", rid)
+    assert isinstance(err.value, ValueError)
+    assert isinstance(err.value, ConfigurationError)
+    assert "id" in str(err.value)
+
+
+def test_non_string_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-empty string"):
+        flows.read(PROP, "Patient", 12)  # type: ignore[arg-type]
+
+
+def test_update_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match=r"resource\['id'\]"):
+        flows.update(PROP, {"resourceType": "Patient", "id": "1/../../2"})
+
+
+# -- capability pre-flight -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ctx", "call"), [
+    (PROP, lambda c: flows.read(c, "Immunization", "1")),           # certified only
+    (CERT, lambda c: flows.create(c, {"resourceType": "Patient"})),  # certified is read-only
+    (PROP, lambda c: flows.update(c, {"resourceType": "ChargeItem", "id": "1"})),  # create-only
+    (PROP, lambda c: flows.update(c, {"resourceType": "Coverage", "id": "1"})),
+    (PROP, lambda c: flows.search(c, "Nope")),
+    (PROP, lambda c: flows.read(c, "Patient/../x", "1")),
+    (PROP, lambda c: flows.delete(c, "Appointment", "1")),
+])
+def test_capability_preflight_raises_when_the_flow_is_built(ctx: FhirContext, call: Any) -> None:
+    with pytest.raises(CapabilityError):
+        call(ctx)
+
+
+def test_published_variant_allows_coverage_update() -> None:
+    ctx = FhirContext(Track.PROPRIETARY, BASE, Capabilities(Variant.PUBLISHED))
+    flow = flows.update(ctx, {"resourceType": "Coverage", "id": "1"})
+    assert next(flow).method == "PUT"
+
+
+# -- search and paging ---------------------------------------------------------------------------
+
+def test_search_sends_the_resources_max_count_unless_asked_less() -> None:
+    first = next(flows.search(PROP, "Patient", {"family": "Smith"}))
+    assert first.url.params["_count"] == "50"
+    assert first.url.params["family"] == "Smith"
+    assert next(flows.search(PROP, "Coverage")).url.params["_count"] == "100"
+    assert next(flows.search(PROP, "DocumentReference", {"_count": 500})).url.params["_count"] == "10"
+    assert next(flows.search(PROP, "Patient", {"_count": "7"})).url.params["_count"] == "7"
+    assert next(flows.search(PROP, "Patient", count=3)).url.params["_count"] == "3"
+    assert next(flows.search(CERT, "Immunization")).url.params["_count"] == "100"
+    req = next(flows.search(PROP, "Patient", [("_lastUpdated", "gt2024-01-01"), ("_lastUpdated", "le2024-02-01")]))
+    assert req.url.params.get_list("_lastUpdated") == ["gt2024-01-01", "le2024-02-01"]
+    with pytest.raises(ConfigurationError, match="_count"):
+        flows.search(PROP, "Patient", count=0)
+
+
+def test_search_checks_required_params() -> None:
+    with pytest.raises(ConfigurationError, match="patient"):
+        flows.search(PROP, "Account")
+    assert next(flows.search(PROP, "Account", {"patient": "Patient/1"})).method == "GET"
+
+
+def test_paging_modmed_quirks_per_page_total_and_next_on_last_page() -> None:
+    pages = [
+        httpx.Response(200, json=bundle(["1", "2"], f"{BASE}/Patient?page=2&_count=2")),
+        httpx.Response(200, json=bundle(["3", "4"], "Patient?page=3&_count=2")),      # relative
+        httpx.Response(200, json=bundle(["5"], "/ema-dev/firm/apiportal/ema/fhir/v2/Patient?page=4")),
+        httpx.Response(200, json=bundle([], None)),                                     # empty: stop
+    ]
+    # the last page with entries still carries a next link; page 4 answers empty without one
+    result, requests, emitted = by_hand(flows.search(PROP, "Patient", count=2), pages)
+    assert [r["id"] for r in emitted] == ["1", "2", "3", "4", "5"]
+    assert result == 5
+    assert [r.url.params.get("page") for r in requests] == [None, "2", "3", "4"]
+    assert all(r.extensions[WHAT] == "search Patient" for r in requests)
+
+
+def test_paging_stops_on_an_empty_page_even_with_a_next_link() -> None:
+    pages = [httpx.Response(200, json=bundle(["1"], f"{BASE}/Patient?page=2")),
+             httpx.Response(200, json=bundle([], f"{BASE}/Patient?page=3"))]
+    result, requests, _ = by_hand(flows.search(PROP, "Patient"), pages)
+    assert result == 1
+    assert len(requests) == 2
+
+
+def test_paging_stops_on_a_next_link_loop() -> None:
+    loop = f"{BASE}/Patient?page=2"
+    pages = [httpx.Response(200, json=bundle(["1"], loop)), httpx.Response(200, json=bundle(["2"], loop))]
+    result, requests, _ = by_hand(flows.search(PROP, "Patient"), pages)
+    assert (result, len(requests)) == (2, 2)
+
+
+def test_paging_skips_outcome_entries() -> None:
+    page = bundle(["1"])
+    page["entry"].append({"resource": outcome("informational", "x"), "search": {"mode": "outcome"}})
+    _, _, emitted = by_hand(flows.search(PROP, "Patient"), [httpx.Response(200, json=page)])
+    assert [r["resourceType"] for r in emitted] == ["Patient"]
+
+
+def test_paging_refuses_a_foreign_next_link() -> None:
+    pages = [httpx.Response(200, json=bundle(["1"], "https://evil.example/fhir/Patient?page=2"))]
+    with pytest.raises(ModMedError, match="outside"):
+        by_hand(flows.search(PROP, "Patient"), pages)
+
+
+def test_search_is_lazy_one_resource_at_a_time() -> None:
+    flow = flows.search(PROP, "Patient")
+    assert isinstance(next(flow), httpx.Request)
+    step = flow.send(httpx.Response(200, json=bundle(["1", "2"], f"{BASE}/Patient?page=2")))
+    assert isinstance(step, Emit)
+    assert step.value["id"] == "1"
+    assert isinstance(flow.send(None), Emit)
+    nxt = flow.send(None)
+    assert isinstance(nxt, httpx.Request)  # the second page is requested only now
+
+
+@pytest.mark.parametrize(("href", "expected"), [
+    (f"{BASE}/Patient?page=2", f"{BASE}/Patient?page=2"),
+    ("Patient?page=2", f"{BASE}/Patient?page=2"),
+    ("/ema-dev/firm/apiportal/ema/fhir/v2/Patient?page=2", f"{BASE}/Patient?page=2"),
+    ("https://stage.ema-api.com:443/ema-dev/firm/apiportal/ema/fhir/v2/Patient?page=2",
+     "https://stage.ema-api.com:443/ema-dev/firm/apiportal/ema/fhir/v2/Patient?page=2"),
+])
+def test_next_page_request_resolves_links(href: str, expected: str) -> None:
+    req = flows.next_page_request({"link": [{"relation": "next", "url": href}]}, BASE)
+    assert req is not None
+    assert httpx.URL(str(req.url)) == httpx.URL(expected)
+
+
+@pytest.mark.parametrize("href", [
+    "http://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2/Patient?page=2",   # scheme
+    "https://stage.ema-api.com:8443/ema-dev/Patient",                              # port
+    "https://evil.example/Patient", "//evil.example/Patient",                       # host
+])
+def test_next_page_request_refuses_other_origins(href: str) -> None:
+    with pytest.raises(ModMedError):
+        flows.next_page_request({"link": [{"relation": "next", "url": href}]}, BASE)
+
+
+def test_next_page_request_none_without_next() -> None:
+    assert flows.next_page_request({"link": [{"relation": "self", "url": BASE}]}, BASE) is None
+    assert flows.next_page_request({}, BASE) is None
+
+
+# -- create / update / delete ----------------------------------------------------------------------
+
+def test_create_reads_back_an_empty_201_from_location() -> None:
+    answers = [
+        httpx.Response(201, headers={"Location": f"{BASE}/Organization/pay%7C9/_history/1"}),
+        httpx.Response(200, json={"resourceType": "Organization", "id": "pay|9"}),
+    ]
+    result, requests, _ = by_hand(flows.create(PROP, {"resourceType": "Organization", "name": "X"}), answers)
+    assert result["id"] == "pay|9"
+    post, get = requests
+    assert post.method == "POST"
+    assert post.headers["Content-Type"] == "application/fhir+json"
+    assert json.loads(post.content) == {"resourceType": "Organization", "name": "X"}
+    assert get.method == "GET"
+    assert get.url.raw_path.decode().endswith("/Organization/pay%7C9")
+
+
+def test_create_of_a_write_only_type_does_not_read_back() -> None:
+    answers = [httpx.Response(201, headers={"Location": "Composition/31/_history/1"})]
+    result, requests, _ = by_hand(flows.create(PROP, {"resourceType": "Composition"}), answers)
+    assert result == {"resourceType": "Composition", "id": "31"}
+    assert len(requests) == 1
+
+
+def test_create_relative_location() -> None:
+    answers = [httpx.Response(201, headers={"Location": "Patient/77/_history/1"}),
+               httpx.Response(200, json={"resourceType": "Patient", "id": "77"})]
+    result, _, _ = by_hand(flows.create(PROP, {"resourceType": "Patient"}), answers)
+    assert result["id"] == "77"
+
+
+def test_create_refuses_foreign_location() -> None:
+    with pytest.raises(ModMedError, match="outside"):
+        by_hand(flows.create(PROP, {"resourceType": "Patient"}),
+                [httpx.Response(201, headers={"Location": "https://evil.example/Patient/1"})])
+
+
+def test_create_with_body_returns_it_and_conditional_is_safe_to_retry() -> None:
+    flow = flows.create(PROP, {"resourceType": "Patient"}, if_none_exist={"identifier": "sys|1"})
+    req = next(flow)
+    assert req.headers["If-None-Exist"] == "identifier=sys%7C1"
+    assert req.extensions[SAFE_TO_RETRY] is True
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json={"resourceType": "Patient", "id": "5"}))
+    assert done.value.value["id"] == "5"
+    assert next(flows.create(PROP, {"resourceType": "Patient"})).extensions[SAFE_TO_RETRY] is False
+
+
+def test_chargeitem_with_transaction_id_is_safe_to_retry() -> None:
+    charge = {"resourceType": "ChargeItem", "identifier": [
+        {"system": flows.TRANSACTION_ID_SYSTEM, "value": "tx-1"}]}
+    assert next(flows.create(PROP, charge)).extensions[SAFE_TO_RETRY] is True
+    charge["identifier"] = [{"system": "other", "value": "tx-1"}]
+    assert next(flows.create(PROP, charge)).extensions[SAFE_TO_RETRY] is False
+
+
+def test_update_sends_if_match_weak_etag() -> None:
+    for given, sent in [(3, 'W/"3"'), ("3", 'W/"3"'), ('W/"4"', 'W/"4"')]:
+        req = next(flows.update(PROP, {"resourceType": "Patient", "id": "1"}, if_match=given))
+        assert req.method == "PUT"
+        assert req.headers["If-Match"] == sent
+    assert "If-Match" not in next(flows.update(PROP, {"resourceType": "Patient", "id": "1"})).headers
+
+
+def test_update_conflict_is_typed() -> None:
+    flow = flows.update(PROP, {"resourceType": "Patient", "id": "1"}, if_match=1)
+    next(flow)
+    with pytest.raises(ConflictError) as err:
+        flow.send(httpx.Response(412, json=outcome("conflict", "version moved")))
+    assert err.value.status_code == 412
+    assert err.value.codes == ("conflict",)
+
+
+def test_delete() -> None:
+    result, requests, _ = by_hand(flows.delete(PROP, "Patient", "9"), [httpx.Response(204)])
+    assert result is None
+    assert requests[0].method == "DELETE"
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "cls"), [
+    (400, ValidationError), (401, AuthError), (404, NotFoundError), (409, ConflictError),
+    (422, ValidationError), (500, ServerError), (503, ServerError),
+])
+def test_errors_are_typed_and_carry_the_outcome_not_the_body(status: int, cls: type) -> None:
+    secret_body = {"resourceType": "Patient", "name": [{"family": "Secretname"}]}
+    flow = flows.create(PROP, secret_body)
+    next(flow)
+    with pytest.raises(cls) as err:
+        flow.send(httpx.Response(status, json=outcome("invalid", "name.family is bad")))
+    assert err.value.status_code == status
+    assert err.value.codes == ("invalid",)
+    assert "name.family is bad" in str(err.value)
+    assert "Secretname" not in str(err.value)
+
+
+@pytest.mark.parametrize("body", [b"<html>Bad Gateway</html>", b"", b"{not json",
+                                  b"<Error><Code>AccessDenied</Code></Error>"])
+def test_non_json_error_bodies(body: bytes) -> None:
+    flow = flows.read(PROP, "Patient", "1")
+    next(flow)
+    with pytest.raises(ServerError) as err:
+        flow.send(httpx.Response(502, content=body, headers={"Content-Type": "text/html"}))
+    assert err.value.status_code == 502
+    assert err.value.codes == ()
+
+
+def test_a_200_without_a_resource_is_an_error() -> None:
+    flow = flows.read(PROP, "Patient", "1")
+    next(flow)
+    with pytest.raises(ModMedError, match="no FHIR resource"):
+        flow.send(httpx.Response(200, content=b"<html/>"))
+
+
+# -- drivers ---------------------------------------------------------------------------------------
+
+def _sleepy_flow() -> flows.Flow[str]:
+    first = yield httpx.Request("GET", f"{BASE}/metadata")
+    assert (yield Sleep(1.5)) is None
+    second = yield httpx.Request("GET", f"{BASE}/metadata")
+    return f"{first.status_code}+{second.status_code}"
+
+
+def test_sync_driver() -> None:
+    slept: list[float] = []
+    answers = iter([httpx.Response(202), httpx.Response(200)])
+    assert flows.drive(_sleepy_flow(), lambda r: next(answers), slept.append) == "202+200"
+    assert slept == [1.5]
+
+
+async def test_async_driver_same_flow() -> None:
+    slept: list[float] = []
+    answers = iter([httpx.Response(202), httpx.Response(200)])
+
+    async def asend(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    async def asleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    assert await flows.adrive(_sleepy_flow(), asend, asleep) == "202+200"
+    assert slept == [1.5]
+
+
+def _pager() -> Iterator[httpx.Response]:
+    yield httpx.Response(200, json=bundle(["1", "2"], f"{BASE}/Patient?page=2"))
+    yield httpx.Response(200, json=bundle(["3"], f"{BASE}/Patient?page=3"))
+    yield httpx.Response(200, json=bundle([]))
+
+
+def test_iterate_and_aiterate_yield_the_same() -> None:
+    answers = _pager()
+    sync_ids = [r["id"] for r in flows.iterate(flows.search(PROP, "Patient"), lambda r: next(answers), print)]
+    assert sync_ids == ["1", "2", "3"]
+
+
+async def test_aiterate() -> None:
+    answers = _pager()
+
+    async def asend(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    async def asleep(seconds: float) -> None:
+        raise AssertionError
+
+    ids = [r["id"] async for r in flows.aiterate(flows.search(PROP, "Patient"), asend, asleep)]
+    assert ids == ["1", "2", "3"]
+
+
+def test_drive_refuses_emitting_flows() -> None:
+    answers = _pager()
+    with pytest.raises(TypeError):
+        flows.drive(flows.search(PROP, "Patient"), lambda r: next(answers), print)
