@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+
+# Airflow reads its home at first import: point it at a throw-away folder before anything imports it.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="modmed-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__TEST_CONNECTION", "Enabled")
+# dag.test() serializes a DAG only when its file lies under the dags folder: the repo root holds both
+# tests/airflow/dags and example_dags
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).resolve().parent.parent))
 
 import pytest
 

@@ -1,0 +1,107 @@
+"""Airflow Connection -> :class:`ClientConfig`: one pure mapping used by the sync and async hook faces.
+
+Field names are those of the connection form (:mod:`airflow_provider_modmed.connection_form`); every
+error names the field as the user sees it in the Airflow UI and says how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_provider_modmed.capabilities import Track
+from airflow_provider_modmed.client.config import ClientConfig, proprietary_fhir_base
+from airflow_provider_modmed.connection_form import (
+    CERTIFIED_BASE_TEMPLATE,
+    CONN_FIELDS,
+    PROPRIETARY_ENVIRONMENTS,
+)
+from airflow_provider_modmed.errors import ConfigurationError
+
+ENVIRONMENTS = ("sandbox", "training", "production", "custom")
+
+
+def _clean(value: Any) -> Any:
+    """The UI saves every declared field, unset ones as null or ""; treat both as absent."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return value
+
+
+def _int(extra: Mapping[str, Any], name: str, default: int) -> int:
+    value = _clean(extra.get(name))
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        label = CONN_FIELDS[name]["label"]
+        raise ConfigurationError(f"{name} ({label!r} in the connection's extra) must be a whole number, "
+                                 f"got {value!r}") from None
+    return number
+
+
+def fhir_base_for(track: Track, environment: str, firm: str, host: str | None) -> str:
+    """The FHIR base URL of one practice on one track and environment."""
+    if environment == "custom":
+        if not host:
+            raise ConfigurationError(
+                "host ('Custom base URL') is required when environment='custom': for the proprietary track the "
+                "env base, e.g. http://127.0.0.1:8899/ema-dev/firm; for the certified track the FHIR base, "
+                "e.g. http://127.0.0.1:8899/certified/apiportal/fhir/r4")
+        base = host.rstrip("/").replace("{firm}", firm)
+        if track is Track.PROPRIETARY:
+            return base if base.endswith("/ema/fhir/v2") else proprietary_fhir_base(base, firm)
+        return base
+    if host:
+        raise ConfigurationError(
+            f"host ('Custom base URL') is set but environment={environment!r}: set environment to 'custom' to "
+            "use your own base URL, or clear host to use ModMed's published URL")
+    if track is Track.PROPRIETARY:
+        return proprietary_fhir_base(PROPRIETARY_ENVIRONMENTS[environment], firm)
+    return CERTIFIED_BASE_TEMPLATE.format(firm=firm)
+
+
+def config_from_connection(*, host: str | None, login: str | None, password: str | None,
+                           extra: Mapping[str, Any], **overrides: Any) -> ClientConfig:
+    """Build and validate the client configuration of a ModMed connection.
+
+    ``overrides`` (e.g. ``rate_limit_per_minute``, ``timeout``) win over the connection's values.
+    """
+    track_raw = _clean(extra.get("track")) or "proprietary"
+    try:
+        track = Track(str(track_raw).lower())
+    except ValueError:
+        raise ConfigurationError(f"track (extra field 'Track') must be 'proprietary' or 'certified', "
+                                 f"got {track_raw!r}") from None
+    environment = str(_clean(extra.get("environment")) or ("custom" if _clean(host) else "sandbox")).lower()
+    if environment not in ENVIRONMENTS:
+        raise ConfigurationError(f"environment (extra field 'Environment') must be one of "
+                                 f"{', '.join(ENVIRONMENTS)}, got {environment!r}")
+    firm = _clean(extra.get("firm_url_prefix"))
+    if not firm:
+        raise ConfigurationError("firm_url_prefix (extra field 'Firm URL prefix') is required: the practice's "
+                                 "firm prefix, e.g. apiportal for ModMed's public sandbox")
+    default_method = "password" if track is Track.PROPRIETARY else "private_key_jwt"
+    values: dict[str, Any] = {
+        "track": track,
+        "fhir_base": fhir_base_for(track, environment, firm, _clean(host)),
+        "firm": firm,
+        "auth_method": _clean(extra.get("auth_method")) or default_method,
+        "api_key": _clean(extra.get("api_key")),
+        "username": _clean(login),
+        "password": _clean(password),
+        "client_id": _clean(extra.get("client_id")),
+        "client_secret": _clean(extra.get("client_secret")),
+        "private_key": _clean(extra.get("private_key")),
+        "key_id": _clean(extra.get("key_id")),
+        "jwt_algorithm": _clean(extra.get("jwt_algorithm")) or "RS384",
+        "scope": _clean(extra.get("scope")),
+        "token_url": _clean(extra.get("token_url")),
+        "rate_limit_per_minute": _int(extra, "rate_limit_per_minute", 1000),
+        "rate_limit_storage_uri": _clean(extra.get("rate_limit_storage_uri")) or "memory://",
+        "timeout": float(_int(extra, "timeout", 30)),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ClientConfig(**values)

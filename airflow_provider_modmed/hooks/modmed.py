@@ -1,0 +1,149 @@
+"""ModMedHook: one Airflow connection per practice and track -> a configured ModMed FHIR client."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_provider_modmed.capabilities import Track
+from airflow_provider_modmed.client import AsyncFhirClient, ClientConfig, FhirClient
+from airflow_provider_modmed.connection_form import CONN_TYPE, HOOK_NAME
+from airflow_provider_modmed.errors import (
+    AuthError,
+    ConfigurationError,
+    ForbiddenError,
+    ModMedError,
+    TransportError,
+)
+from airflow_provider_modmed.hooks.connection import config_from_connection
+
+
+def _mask(config: ClientConfig) -> None:
+    """Register the connection's secrets with Airflow's masker (a PEM key line by line too)."""
+    from airflow.sdk.log import mask_secret
+
+    for value in (config.api_key, config.password, config.client_secret, config.private_key):
+        if value:
+            mask_secret(value)
+    if config.private_key:
+        for line in config.private_key.splitlines():
+            if len(line) > 8 and "PRIVATE KEY" not in line:
+                mask_secret(line)
+
+
+class ModMedHook(BaseHook):
+    """Talks to one ModMed practice on one API track, configured by an Airflow connection.
+
+    The connection's Extra holds ``track``, ``environment``, ``firm_url_prefix``, ``auth_method``,
+    ``api_key``, ``client_id``, ``client_secret``, ``private_key``, ``key_id``, ``jwt_algorithm``,
+    ``scope``, ``token_url``, ``rate_limit_per_minute``, ``rate_limit_storage_uri`` and ``timeout``;
+    ``login``/``password`` are the password-grant username and password and ``host`` a custom base URL.
+
+    :param modmed_conn_id: the connection id (one per practice and track)
+    :param config_overrides: values that win over the connection's (e.g. ``rate_limit_per_minute``)
+    """
+
+    conn_name_attr = "modmed_conn_id"
+    default_conn_name = "modmed_default"
+    conn_type = CONN_TYPE
+    hook_name = HOOK_NAME
+
+    def __init__(self, modmed_conn_id: str = default_conn_name, **config_overrides: Any) -> None:
+        super().__init__()
+        self.modmed_conn_id = modmed_conn_id
+        self.config_overrides = config_overrides
+        self._client: FhirClient | None = None
+
+    # -- configuration ----------------------------------------------------------------------------
+    @staticmethod
+    def _config_of(conn: Any, extra: Mapping[str, Any], overrides: Mapping[str, Any]) -> ClientConfig:
+        config = config_from_connection(host=conn.host, login=conn.login, password=conn.password, extra=extra,
+                                        **overrides)
+        _mask(config)
+        return config
+
+    @cached_property
+    def config(self) -> ClientConfig:
+        """The validated client configuration (reads the connection once)."""
+        conn = self.get_connection(self.modmed_conn_id)
+        return self._config_of(conn, conn.extra_dejson, self.config_overrides)
+
+    async def aget_config(self) -> ClientConfig:
+        """The configuration read with Airflow's async connection API (for triggers)."""
+        conn = await self.aget_connection(self.modmed_conn_id)
+        extra_attr = getattr(conn, "aextra_dejson", None)
+        extra = await extra_attr() if callable(extra_attr) else conn.extra_dejson
+        return self._config_of(conn, extra, self.config_overrides)
+
+    @property
+    def track(self) -> Track:
+        return self.config.resolved_track
+
+    # -- clients ----------------------------------------------------------------------------------
+    def get_conn(self) -> FhirClient:
+        """The synchronous client of this connection (created once, closed by :meth:`close`)."""
+        if self._client is None:
+            self._client = FhirClient(self.config)
+        return self._client
+
+    get_client = get_conn
+
+    async def get_async_client(self) -> AsyncFhirClient:
+        """A new async client (callers close it with ``aclose()`` or ``async with``)."""
+        return AsyncFhirClient(await self.aget_config())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- conveniences (thin: the client does the work) ---------------------------------------------
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        return self.get_conn().read(resource_type, resource_id)
+
+    def search(self, resource_type: str, params: Any = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        return self.get_conn().search(resource_type, params, **kwargs)
+
+    def create(self, resource: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return self.get_conn().create(resource, **kwargs)
+
+    def update(self, resource: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return self.get_conn().update(resource, **kwargs)
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        self.get_conn().delete(resource_type, resource_id)
+
+    # -- the UI's Test button and `airflow connections test` ---------------------------------------
+    def test_connection(self) -> tuple[bool, str]:
+        """Authenticate and make one cheap call; say what failed in terms the user can act on."""
+        started = time.monotonic()
+        try:
+            config = self.config
+        except ModMedError as exc:
+            return False, f"Connection is misconfigured: {exc}"
+        where = f"ModMed {config.resolved_track.value} API for firm {config.firm!r} at {config.fhir_base}"
+        try:
+            # one quick retry at most: the Test button should answer in seconds, not minutes
+            with FhirClient(dataclasses.replace(config, max_retries=min(config.max_retries, 1))) as client:
+                first = next(iter(client.search("Patient", count=1)), None)
+        except ConfigurationError as exc:
+            return False, f"Connection is misconfigured: {exc}"
+        except ForbiddenError as exc:
+            hint = ("the API key (extra field 'API key') was refused" if config.resolved_track is Track.PROPRIETARY
+                    else "the client lacks a scope or the practice has not enabled it (consent)")
+            return False, f"Forbidden (403) by {where}: {hint}. {exc}"
+        except AuthError as exc:
+            return False, (f"Authentication failed against {where}: check the {config.resolved_auth_method.value} "
+                           f"credentials. {exc}")
+        except TransportError as exc:
+            return False, f"Could not reach {where} (DNS, TLS, refused connection or timeout): {exc}"
+        except ModMedError as exc:
+            return False, f"{where} answered an error: {exc}"
+        elapsed = (time.monotonic() - started) * 1000
+        found = "a Patient" if first is not None else "no Patient"
+        return True, f"Connected to {where}: authenticated and searched Patient ({found}) in {elapsed:.0f} ms"
