@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, Retrying
 from airflow_provider_modmed import __version__
 from airflow_provider_modmed.client import _flows as flows
 from airflow_provider_modmed.client.auth import (
+    TOKEN_REQUEST,
     ModMedAuth,
     async_credential_guard,
     auth_from_config,
@@ -81,6 +82,11 @@ class _Face:
         self.retry_kwargs = retry_kwargs(config.max_retries)
         _redact_httpx_logs()
 
+    def _counts_against_budget(self, request: httpx.Request) -> bool:
+        """Every request ModMed counts: FHIR calls, token calls and resends after a 401 (they run as
+        event hooks, so requests the auth flow makes are counted too); not presigned storage URLs."""
+        return bool(request.extensions.get(TOKEN_REQUEST)) or self.auth.owns(request)
+
     def _client_kwargs(self, transport: Any) -> dict[str, Any]:
         verify: Any = self.config.verify
         if isinstance(verify, str):  # a CA bundle (file) or a directory of certificates
@@ -105,13 +111,16 @@ class FhirClient(_Face):
         self._owns_http = http_client is None
         self.http = http_client if http_client is not None else httpx.Client(**self._client_kwargs(transport))
         hooks = self.http.event_hooks
-        hooks["request"] = [*hooks.get("request", []), credential_guard(self.auth)]
+        hooks["request"] = [*hooks.get("request", []), credential_guard(self.auth), self._spend_budget]
         self.http.event_hooks = hooks
 
     # -- I/O: the only sync-specific code --------------------------------------------------------
 
+    def _spend_budget(self, request: httpx.Request) -> None:
+        if self._counts_against_budget(request):
+            self.budget.acquire()
+
     def _send_once(self, request: httpx.Request) -> httpx.Response:
-        self.budget.acquire()
         started = time.monotonic()
         response = self.http.send(request, auth=self.auth)
         _log_answer(request, response, started)
@@ -189,11 +198,14 @@ class AsyncFhirClient(_Face):
         self.http = (http_client if http_client is not None
                      else httpx.AsyncClient(**self._client_kwargs(transport)))
         hooks = self.http.event_hooks
-        hooks["request"] = [*hooks.get("request", []), async_credential_guard(self.auth)]
+        hooks["request"] = [*hooks.get("request", []), async_credential_guard(self.auth), self._spend_budget]
         self.http.event_hooks = hooks
 
+    async def _spend_budget(self, request: httpx.Request) -> None:
+        if self._counts_against_budget(request):
+            await self.budget.aacquire()
+
     async def _send_once(self, request: httpx.Request) -> httpx.Response:
-        await self.budget.aacquire()
         started = time.monotonic()
         response = await self.http.send(request, auth=self.auth)
         _log_answer(request, response, started)

@@ -30,6 +30,8 @@ class SandboxConfig:
     seed: int = 0
     firm: str = "apiportal"
     rate_limit_per_minute: int = 1000
+    #: the rate limit's window: 60 s as at ModMed; tests shorten it
+    rate_limit_window_seconds: float = 60.0
     token_ttl: float = 3600.0
     certified_token_ttl: float = 1800.0
     keycloak_token_ttl: float = 900.0
@@ -149,7 +151,7 @@ class SandboxState:
         now = time.monotonic()
         with self.lock:
             window = self._windows.setdefault(api_key, deque())
-            while window and window[0] <= now - 60.0:
+            while window and window[0] <= now - self.config.rate_limit_window_seconds:
                 window.popleft()
             if len(window) >= limit:
                 return False

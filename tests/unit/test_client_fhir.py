@@ -205,7 +205,7 @@ def test_a_supplied_http_client_is_guarded_and_left_open() -> None:
     http = httpx.Client(transport=httpx.MockTransport(FakeModMed()))
     with FhirClient(config(), http_client=http) as c:
         assert c.read("Patient", "1")["id"] == "1"
-        assert len(http.event_hooks["request"]) == 1
+        assert len(http.event_hooks["request"]) == 2  # credential guard + rate budget
     assert not http.is_closed
     http.close()
 
@@ -222,3 +222,25 @@ def test_logs_hold_no_secrets_bodies_or_query_values(caplog: pytest.LogCaptureFi
     assert "search Patient" in text
     for secret in ("API-KEY-SECRET", "PW-SECRET", "tok1", "Phi1name", "Querysecret", "Bearer"):
         assert secret not in text
+
+
+def test_token_calls_and_401_resends_spend_the_budget_but_storage_calls_do_not() -> None:
+    from airflow_provider_modmed.client.limiter import RateBudget
+
+    spent: list[int] = []
+
+    class CountingBudget(RateBudget):
+        def acquire(self) -> float:
+            spent.append(1)
+            return 0.0
+
+    fake = FakeModMed(patients=3)
+    with FhirClient(config(), transport=httpx.MockTransport(fake), budget=CountingBudget()) as c:
+        c.read("Patient", "1")  # token + read
+        assert len(spent) == 2
+        fake.expire()
+        c.read("Patient", "2")  # read (401) + refresh + resend
+        assert len(spent) == 5
+        with pytest.raises(AssertionError):  # the fake asserts an API key: the storage call carries none
+            c.http.get("https://storage.example.org/upload?sig=1")
+        assert len(spent) == 5
