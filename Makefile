@@ -4,7 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint types check system-deps bench clean venv
+.PHONY: demo test lint types check system-deps bench clean venv docs
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -36,3 +36,6 @@ bench: $(STAMP) system-deps
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
