@@ -78,15 +78,17 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["schema", "port"],
+    "hidden-fields": ["schema"],
     "relabeling": {
         "host": "Custom base URL",
+        "port": "Port (custom base URL)",
         "login": "Username",
         "password": "Password",
     },
     "placeholders": {
         "host": "http://127.0.0.1:8899/ema-dev/firm (proprietary) or "
         "http://127.0.0.1:8899/certified/apiportal/fhir/r4 (certified)",
+        "port": "8899 (only with environment custom; overrides the URL's port)",
         "login": "ModMed username (password grant)",
         "password": "ModMed password (password grant)",
     },

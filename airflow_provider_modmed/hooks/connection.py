@@ -6,8 +6,11 @@ error names the field as the user sees it in the Airflow UI and says how to fix 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
+
+import httpx
 
 from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client.config import ClientConfig, proprietary_fhir_base
@@ -27,6 +30,20 @@ def _clean(value: Any) -> Any:
         value = value.strip()
         return value or None
     return value
+
+
+_PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
+def normalize_pem(text: str) -> str:
+    """A PEM key as pasted into a one-line password input (newlines lost, or typed as ``\\n``), re-wrapped."""
+    text = text.strip().replace("\\n", "\n")
+    match = _PEM.search(text)
+    if match is None:
+        return text
+    label, body = match.group(1), "".join(match.group(2).split())
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n"
 
 
 def _int(extra: Mapping[str, Any], name: str, default: int) -> int:
@@ -63,8 +80,19 @@ def fhir_base_for(track: Track, environment: str, firm: str, host: str | None) -
     return CERTIFIED_BASE_TEMPLATE.format(firm=firm)
 
 
+def _with_port(host: str | None, port: int | None, environment: str) -> str | None:
+    """Apply the connection's port to a custom base URL (the form shows Port beside Host)."""
+    if not port:  # Airflow's UI sends 0 for an empty port
+        return host
+    if environment != "custom" or not host:
+        raise ConfigurationError(f"port ({port}) is only used with environment='custom' and a host ('Custom base "
+                                 "URL'): clear the port, or set environment to 'custom'")
+    url = httpx.URL(host)
+    return str(url.copy_with(port=int(port)))
+
+
 def config_from_connection(*, host: str | None, login: str | None, password: str | None,
-                           extra: Mapping[str, Any], **overrides: Any) -> ClientConfig:
+                           extra: Mapping[str, Any], port: int | None = None, **overrides: Any) -> ClientConfig:
     """Build and validate the client configuration of a ModMed connection.
 
     ``overrides`` (e.g. ``rate_limit_per_minute``, ``timeout``) win over the connection's values.
@@ -86,7 +114,7 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
     default_method = "password" if track is Track.PROPRIETARY else "private_key_jwt"
     values: dict[str, Any] = {
         "track": track,
-        "fhir_base": fhir_base_for(track, environment, firm, _clean(host)),
+        "fhir_base": fhir_base_for(track, environment, firm, _with_port(_clean(host), port, environment)),
         "firm": firm,
         "auth_method": _clean(extra.get("auth_method")) or default_method,
         "api_key": _clean(extra.get("api_key")),
@@ -94,7 +122,7 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
         "password": _clean(password),
         "client_id": _clean(extra.get("client_id")),
         "client_secret": _clean(extra.get("client_secret")),
-        "private_key": _clean(extra.get("private_key")),
+        "private_key": normalize_pem(key) if (key := _clean(extra.get("private_key"))) else None,
         "key_id": _clean(extra.get("key_id")),
         "jwt_algorithm": _clean(extra.get("jwt_algorithm")) or "RS384",
         "scope": _clean(extra.get("scope")),

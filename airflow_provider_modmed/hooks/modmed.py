@@ -62,8 +62,8 @@ class ModMedHook(BaseHook):
     # -- configuration ----------------------------------------------------------------------------
     @staticmethod
     def _config_of(conn: Any, extra: Mapping[str, Any], overrides: Mapping[str, Any]) -> ClientConfig:
-        config = config_from_connection(host=conn.host, login=conn.login, password=conn.password, extra=extra,
-                                        **overrides)
+        config = config_from_connection(host=conn.host, port=conn.port, login=conn.login, password=conn.password,
+                                        extra=extra, **overrides)
         _mask(config)
         return config
 

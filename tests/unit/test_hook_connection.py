@@ -34,18 +34,42 @@ def test_custom_proprietary_host_is_the_env_base() -> None:
     assert config.fhir_base == "http://127.0.0.1:8899/ema-dev/firm/apiportal/ema/fhir/v2"
 
 
-def test_certified_defaults_to_the_practice_url_and_private_key_jwt() -> None:
+def _pem() -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+@pytest.mark.parametrize("mangle", [lambda p: p.replace("\n", " "), lambda p: p.replace("\n", "\\n"),
+                                    lambda p: p.replace("\n", "")])
+def test_a_pem_pasted_into_a_one_line_input_still_works(mangle: Any) -> None:
+    pem = _pem()
+    config = config_from_connection(host=None, login=None, password=None, extra={
+        "track": "certified", "firm_url_prefix": "derm1", "client_id": "c", "private_key": mangle(pem),
+        "key_id": "k"})
+    assert config.private_key == pem
+
+
+def test_certified_defaults_to_the_practice_url_and_private_key_jwt() -> None:
+    pem = _pem()
     config = config_from_connection(host=None, login=None, password=None, extra={
         "track": "certified", "environment": "production", "firm_url_prefix": "derm1", "client_id": "c",
         "private_key": pem, "key_id": "kid-1"})
     assert config.resolved_track is Track.CERTIFIED
     assert config.fhir_base == "https://derm1.mmi.prod.fhir.ema-api.com/fhir/r4"
     assert config.resolved_auth_method.value == "private_key_jwt"
+
+
+def test_port_overrides_the_custom_base_urls_port() -> None:
+    config = config_from_connection(host="http://127.0.0.1:8899/ema-dev/firm", port=9900, login="u", password="p",
+                                    extra={**PROP, "environment": "custom"})
+    assert config.fhir_base == "http://127.0.0.1:9900/ema-dev/firm/apiportal/ema/fhir/v2"
+    assert config_from_connection(host="http://127.0.0.1:8899/ema-dev/firm", port=0, login="u", password="p",
+                                  extra={**PROP, "environment": "custom"}).fhir_base.startswith("http://127.0.0.1:8899/")
+    with pytest.raises(ConfigurationError, match="port"):
+        config_from_connection(host=None, port=443, login="u", password="p", extra=PROP)
 
 
 def test_ui_nulls_and_blanks_count_as_unset() -> None:
