@@ -41,12 +41,42 @@ def _location(fhir_base: str, row: Row) -> str:
 async def read(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
     rt, rid = request.path_params["rtype"], request.path_params["rid"]
     check_interaction(track, rt, Interaction.READ)
+    if rt == "DocumentReference" and rid.startswith(("note|", "ccda|")):
+        return fhir_response(_special_document(state, rid, fhir_base))
     row = state.store.get(rt, rid)
     if row is None:
         raise FhirError(404, "not-found", f"Resource {rt}/{rid} is not known")
     if row.deleted:
         raise FhirError(410, "deleted", f"Resource {rt}/{rid} has been deleted")
     return fhir_response(row.body, headers=_etag(row))
+
+
+def _special_document(state: SandboxState, rid: str, fhir_base: str) -> dict[str, Any]:
+    """ModMed's special reads: ``note|{visitId}`` (a visit's note) and ``ccda|{patientId}`` (a C-CDA)."""
+    from airflow_provider_modmed.sandbox.store import Filter
+
+    kind, _, ref_id = rid.partition("|")
+    if kind == "note":
+        rows, _ = state.store.search("DocumentReference", [Filter("encounter", (f"Encounter/{ref_id}",))], count=1)
+        if not rows:
+            raise FhirError(404, "not-found", f"No visit note for Encounter/{ref_id}")
+        return rows[0].body
+    patient = state.store.get("Patient", ref_id)
+    if patient is None or patient.deleted:
+        raise FhirError(404, "not-found", f"Patient/{ref_id} is not known")
+    import base64
+
+    ccda = (f'<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3"><recordTarget><patientRole>'
+            f'<id extension="{ref_id}"/></patientRole></recordTarget></ClinicalDocument>').encode()
+    return {"resourceType": "DocumentReference", "id": rid, "status": "current",
+            "meta": patient.body["meta"],
+            "type": {"coding": [{"system": "http://loinc.org", "code": "34133-9",
+                                 "display": "Summary of episode note"}]},
+            "category": [{"coding": [{"system": "https://www.modmed.com/fhir/document-category", "code": "CCDA",
+                                      "display": "CCDA"}]}],
+            "subject": {"reference": f"Patient/{ref_id}"},
+            "content": [{"attachment": {"contentType": "application/xml",
+                                        "data": base64.b64encode(ccda).decode()}}]}
 
 
 async def search_type(state: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:

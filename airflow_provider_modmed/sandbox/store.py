@@ -94,6 +94,9 @@ def extract_params(resource: dict[str, Any]) -> Iterator[tuple[str, str]]:
             yield "identifier", str(ident["value"])
             if ident.get("system"):
                 yield "identifier", f"{ident['system']}|{ident['value']}"
+    context = resource.get("context")
+    for ref in _refs((context.get("encounter") if isinstance(context, dict) else None) or resource.get("encounter")):
+        yield "encounter", ref
     if isinstance(resource.get("status"), str):
         yield "status", resource["status"]
     for name in ("category", "code", "type", "class", "appointmentType", "clinicalStatus", "vaccineCode"):

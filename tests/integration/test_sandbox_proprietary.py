@@ -186,6 +186,17 @@ def test_composite_ids_read_url_encoded(api: httpx.Client) -> None:
     assert api.get("ChargeItem/" + quote(charge["id"], safe="")).status_code == 200
 
 
+def test_special_document_reads(sb: SandboxServer, api: httpx.Client) -> None:
+    store = sb.app_state.store
+    note = next(r for r in store.search("DocumentReference", count=500)[0] if r.body.get("context"))
+    visit = note.body["context"]["encounter"][0]["reference"].split("/")[1]
+    assert api.get("DocumentReference/" + quote(f"note|{visit}", safe="")).json()["id"] == note.id
+    ccda = api.get("DocumentReference/" + quote("ccda|1", safe="")).json()
+    assert ccda["subject"]["reference"] == "Patient/1"
+    assert ccda["content"][0]["attachment"]["contentType"] == "application/xml"
+    assert api.get("DocumentReference/" + quote("note|999999", safe="")).status_code == 404
+
+
 def test_create_answers_location_and_empty_body_switch(sb: SandboxServer, api: httpx.Client) -> None:
     allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": "Patient/1"},
                "code": {"text": "Peanut"},
