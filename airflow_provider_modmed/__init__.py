@@ -55,4 +55,19 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "connection-types": [CONNECTION_TYPE],
+        "config": {
+            "modmed": {
+                "description": "ModMed provider settings.",
+                "options": {
+                    "output_base": {
+                        "description": "Base URL of search output when an operator's output_path is not given "
+                        "(use object storage, e.g. s3://bucket/modmed, on multi-worker deployments).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://bucket/modmed",
+                        "default": "file:///tmp/modmed",
+                    }
+                },
+            }
+        },
     }

@@ -94,6 +94,8 @@ def build_api_app(state: SandboxState) -> Starlette:
         return token
 
     async def guarded(request: Request, kind: str, work: Callable[[], Awaitable[Response]]) -> Response:
+        state.recent_requests.append(request.scope.get("raw_path", b"").decode("latin-1") + (
+            "?" + request.scope["query_string"].decode("latin-1") if request.scope.get("query_string") else ""))
         state.stats["requests"] += 1
         state.stats[f"requests:{kind}"] += 1
         try:

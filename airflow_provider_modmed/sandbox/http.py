@@ -86,8 +86,24 @@ def take_drop(state: SandboxState) -> bool:
     return False
 
 
+def _take(state: SandboxState, name: str) -> bool:
+    with state.lock:
+        left = getattr(state.faults, name)
+        if left > 0:
+            setattr(state.faults, name, left - 1)
+            state.stats[f"injected:{name}"] += 1
+            return True
+    return False
+
+
 def finish(state: SandboxState, response: Response) -> Response:
-    """Apply the drop-mid-body fault to an answer that has a body."""
+    """Apply the answer-mangling faults (malformed JSON, wrong type, drop mid-body) to an answer."""
+    if response.body and response.status_code < 300 and _take(state, "malformed_next"):
+        return Response(bytes(response.body)[: len(response.body) // 2] + b"}{not json", status_code=200,
+                        media_type=FHIR_JSON)
+    if response.body and response.status_code < 300 and _take(state, "wrong_type_next"):
+        return fhir_response({"resourceType": "Basic", "id": "not-what-you-asked-for",
+                              "code": {"text": "sandbox fault: wrong resourceType"}}, response.status_code)
     if response.body and take_drop(state):
         return DroppedResponse(bytes(response.body), status_code=response.status_code,
                                media_type=response.media_type or FHIR_JSON)

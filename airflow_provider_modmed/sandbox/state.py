@@ -80,6 +80,10 @@ class Faults:
     empty_create_body: bool = False
     #: the server clock runs this many milliseconds off the real clock
     clock_offset_ms: int = 0
+    #: the next N successful FHIR answers are replaced by malformed JSON
+    malformed_next: int = 0
+    #: the next N successful FHIR answers carry a resource of the wrong resourceType
+    wrong_type_next: int = 0
 
     def update(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -109,6 +113,8 @@ class SandboxState:
         self.refresh_tokens_by_user: dict[str, str] = {}
         self.seen_jti: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
+        #: the raw paths (and query strings) of the last API requests, for tests of path safety
+        self.recent_requests: deque[str] = deque(maxlen=200)
         self._windows: dict[str, deque[float]] = {}
         self.lock = threading.RLock()
         self.signing_key = secrets.token_bytes(32)

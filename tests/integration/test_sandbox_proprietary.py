@@ -292,3 +292,13 @@ def test_faults_inject_5xx_storms_and_dropped_connections(sb: SandboxServer, api
     with pytest.raises(httpx.RemoteProtocolError):
         api.get("Patient/1")
     assert api.get("Patient/1").status_code == 200
+
+
+def test_answer_mangling_faults(sb: SandboxServer, api: httpx.Client) -> None:
+    sb.faults(malformed_next=1)
+    with pytest.raises(ValueError):
+        api.get("Patient/1").json()
+    sb.faults(wrong_type_next=1)
+    assert api.get("Patient/1").json()["resourceType"] == "Basic"
+    assert api.get("Patient/1").json()["resourceType"] == "Patient"
+    assert sb.app_state.recent_requests[-1].endswith("/fhir/v2/Patient/1")
