@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
@@ -296,7 +297,7 @@ def test_faults_inject_5xx_storms_and_dropped_connections(sb: SandboxServer, api
 
 def test_answer_mangling_faults(sb: SandboxServer, api: httpx.Client) -> None:
     sb.faults(malformed_next=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         api.get("Patient/1").json()
     sb.faults(wrong_type_next=1)
     assert api.get("Patient/1").json()["resourceType"] == "Basic"
