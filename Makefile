@@ -4,7 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint types check system-deps bench clean venv docs
+.PHONY: demo test lint types check system-deps bench clean venv docs airflow
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,3 +39,6 @@ clean:
 
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+airflow: $(STAMP)
+	$(PY) scripts/airflow_ui.py
