@@ -384,6 +384,8 @@ class BulkExports:
                 state.faults.truncate_downloads -= 1
                 state.stats["truncated_downloads"] += 1
         if isinstance(entry, _OutputFile):
+            with state.lock:
+                state.stats["served"] += entry.count
             length = await run_in_threadpool(self._output_length, job.selection, entry)
             chunks = self._output_chunks(job.selection, entry)
         else:

@@ -48,6 +48,7 @@ async def read(state: SandboxState, track: Track, request: Request, fhir_base: s
         raise FhirError(404, "not-found", f"Resource {rt}/{rid} is not known")
     if row.deleted:
         raise FhirError(410, "deleted", f"Resource {rt}/{rid} has been deleted")
+    state.stats["served"] += 1
     return fhir_response(row.body, headers=_etag(row))
 
 
@@ -87,6 +88,7 @@ async def search_type(state: SandboxState, track: Track, request: Request, fhir_
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
         query = QueryParams([*query.multi_items(), *form])
     page = search(state, track, rt, query, str(request.url), flags=request.headers.get("content-flag", ""))
+    state.stats["served"] += len(page.rows)
     return fhir_response(bundle(page, fhir_base))
 
 
