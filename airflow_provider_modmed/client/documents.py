@@ -318,6 +318,14 @@ def _upload(ctx: FhirContext, doc: DocumentUpload, max_url_attempts: int) -> Flo
     if doc.deduplicate:
         existing = yield from _first(search(ctx, "DocumentReference", condition, count=1))
         if existing is not None:
+            carries_key = any(i.get("system") == UPLOAD_KEY_SYSTEM and i.get("value") == key
+                              for i in existing.get("identifier") or ())
+            if not carries_key:
+                # a server that ignores the identifier search answers unrelated documents: uploading
+                # could duplicate on retry, trusting the answer would return another patient's document
+                raise ModMedError("the DocumentReference search by upload key answered a document without that "
+                                  "key: the server ignores the identifier parameter, so a retry could not be "
+                                  "detected; pass deduplicate=False to upload without the retry check")
             log.info("modmed: this document was uploaded before (a retried task?); not uploading it again")
             return result(existing, False, 0)
 

@@ -184,7 +184,9 @@ class ModMedCreateResourceOperator(ModMedBaseOperator):
                     # ModMed refuses a second ChargeItem with this transactionId: the first one landed
                     found = next(iter(client.search(rt, {"identifier": f"{TRANSACTION_ID_SYSTEM}|"
                                                                        f"{self.transaction_id}"}, count=1)), None)
-                    if found is not None:
+                    if found is not None and any(
+                            i.get("system") == TRANSACTION_ID_SYSTEM and i.get("value") == self.transaction_id
+                            for i in found.get("identifier") or ()):
                         log.info("ChargeItem with this transaction_id exists already (a retried task?); "
                                  "returning it")
                         return found

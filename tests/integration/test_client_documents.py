@@ -143,3 +143,15 @@ def test_refusals_before_any_request(sb: SandboxServer) -> None:
     with FhirClient(config(sb)) as client, pytest.raises(ConfigurationError, match="patient_id"):
         upload_document(client, b"x", filename="x.pdf", category="LAB", patient_id="../1")
     assert sb.stats()["requests"] == before
+
+
+def test_a_server_ignoring_the_identifier_search_fails_clearly(sb: SandboxServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_modmed.errors import ModMedError
+    from airflow_provider_modmed.sandbox import fhir_api
+
+    monkeypatch.delitem(fhir_api.SEARCH_PARAMS, "identifier")  # the server now ignores identifier=
+    before = len(live_docs(sb))
+    with FhirClient(config(sb)) as client, pytest.raises(ModMedError, match="ignores the identifier"):
+        upload_document(client, b"%PDF-1.4 new", filename="new.pdf", category="CLINICAL", patient_id="3")
+    assert len(live_docs(sb)) == before  # nothing created, and no other patient's document returned

@@ -141,11 +141,21 @@ def test_a_duplicate_transaction_id_returns_the_existing_charge() -> None:
     charge = {"resourceType": "ChargeItem", "status": "billable", "code": {"text": "99213"},
               "subject": {"reference": "Patient/1"}}
     op = ModMedCreateResourceOperator(task_id="c", resource=charge, transaction_id="TX-42")
-    existing = stored(charge, "CHG|3")
+    existing = stored({**charge, "identifier": [{"system": TRANSACTION_ID_SYSTEM, "value": "TX-42"}]}, "CHG|3")
     client = wire(op, create=ConflictError("create ChargeItem failed", status_code=409), search=[[existing]])
     assert op.execute({})["id"] == "CHG|3"
     assert client.calls[1][0] == "search"
     assert client.calls[1][1][1] == {"identifier": f"{TRANSACTION_ID_SYSTEM}|TX-42"}
+
+
+def test_a_search_answering_another_charge_is_not_taken_for_the_first_one() -> None:
+    charge = {"resourceType": "ChargeItem", "status": "billable", "code": {"text": "99213"},
+              "subject": {"reference": "Patient/1"}}
+    op = ModMedCreateResourceOperator(task_id="c", resource=charge, transaction_id="TX-42")
+    unrelated = stored({**charge, "identifier": [{"system": TRANSACTION_ID_SYSTEM, "value": "TX-other"}]}, "CHG|9")
+    wire(op, create=ConflictError("create ChargeItem failed", status_code=409), search=[[unrelated]])
+    with pytest.raises(Exception, match="create ChargeItem failed"):
+        op.execute({})
 
 
 def test_coverage_create_returns_the_reconciliation_id() -> None:
