@@ -150,12 +150,21 @@ def test_other_storage_refusals_fail_with_their_code() -> None:
 
 
 def test_a_previous_upload_is_returned_without_uploading_again() -> None:
-    existing = {"resourceType": "DocumentReference", "id": "55", "meta": {"versionId": "1"}}
+    from airflow_provider_modmed.client.documents import UPLOAD_KEY_SYSTEM, default_upload_key
+
+    d = doc()
+    key = default_upload_key(bytes(d.content), d.filename, d.patient_id)
+    existing = {"resourceType": "DocumentReference", "id": "55", "meta": {"versionId": "1"},
+                "identifier": [{"system": UPLOAD_KEY_SYSTEM, "value": key}]}
     found = {"resourceType": "Bundle", "type": "searchset", "total": 1,
              "entry": [{"resource": existing, "search": {"mode": "match"}}]}
-    result, requests = run(upload(PROP, doc()), [httpx.Response(200, json=VALUE_SET), httpx.Response(200, json=found)])
+    result, requests = run(upload(PROP, d), [httpx.Response(200, json=VALUE_SET), httpx.Response(200, json=found)])
     assert [r.method for r in requests] == ["GET", "GET"]
     assert (result.id, result.created, result.url_attempts) == ("55", False, 0)
+    # a match without the key is not taken for this upload
+    stranger = {**found, "entry": [{"resource": {**existing, "identifier": []}, "search": {"mode": "match"}}]}
+    with pytest.raises(ModMedError, match="ignores the identifier"):
+        run(upload(PROP, d), [httpx.Response(200, json=VALUE_SET), httpx.Response(200, json=stranger)])
 
 
 def test_an_unknown_category_fails_before_anything_is_uploaded() -> None:
