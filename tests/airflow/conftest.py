@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,16 +32,28 @@ def airflow_db() -> str:
     return os.environ["AIRFLOW_HOME"]
 
 
+@contextlib.contextmanager
+def sandbox_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
+    """Set a sandbox's ready-made connections as AIRFLOW_CONN_* variables, restoring the old ones after."""
+    conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
+    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
+    for conn_id, conn in conns.items():
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
+    try:
+        yield conns
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def modmed_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
-    """The sandbox's ready-made connections, as AIRFLOW_CONN_* variables (Airflow's JSON form)."""
-    conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
-    names = [f"AIRFLOW_CONN_{conn_id.upper()}" for conn_id in conns]
-    for name, conn in zip(names, conns.values(), strict=True):
-        os.environ[name] = json.dumps(conn)
-    yield conns
-    for name in names:
-        os.environ.pop(name, None)
+    """The session sandbox's connections, as AIRFLOW_CONN_* variables (Airflow's JSON form)."""
+    with sandbox_connections(sandbox) as conns:
+        yield conns
 
 
 def load_dag(path: Path, dag_id: str) -> Any:

@@ -18,6 +18,7 @@ import pytest
 
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from airflow_provider_modmed.sandbox.store import parse_instant_ms
+from tests.airflow.conftest import sandbox_connections
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 Cap = pytest.CaptureFixture[str]
@@ -43,16 +44,8 @@ def sandbox() -> Iterator[SandboxServer]:
 
 @pytest.fixture(scope="module")
 def modmed_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
-    conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
-    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
-    for conn_id, conn in conns.items():
-        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
-    yield conns
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with sandbox_connections(sandbox) as conns:
+        yield conns
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ task, and refusals before any network call."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from airflow_provider_modmed.client import documents as documents_mod
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.airflow.conftest import sandbox_connections
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 Cap = pytest.CaptureFixture[str]
@@ -30,16 +30,8 @@ def sandbox() -> Iterator[SandboxServer]:
 
 @pytest.fixture(scope="module")
 def modmed_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
-    conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
-    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
-    for conn_id, conn in conns.items():
-        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
-    yield conns
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with sandbox_connections(sandbox) as conns:
+        yield conns
 
 
 def documents(sb: SandboxServer) -> set[str]:
