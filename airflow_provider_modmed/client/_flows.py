@@ -246,10 +246,13 @@ def expect(response: httpx.Response, ok: Sequence[int], what: str) -> Any:
     raise error_for_status(response.status_code, body, what)
 
 
-def expect_resource(response: httpx.Response, what: str, ok: Sequence[int] = (200,)) -> dict[str, Any]:
+def expect_resource(response: httpx.Response, what: str, ok: Sequence[int] = (200,),
+                    resource_type: str | None = None) -> dict[str, Any]:
     body = expect(response, ok, what)
     if not isinstance(body, dict) or "resourceType" not in body:
         raise ModMedError(f"{what} answered no FHIR resource", status_code=response.status_code)
+    if resource_type is not None and body["resourceType"] != resource_type:
+        raise ModMedError(f"{what} answered a {str(body['resourceType'])[:64]}", status_code=response.status_code)
     return body
 
 
@@ -265,12 +268,12 @@ def read(ctx: FhirContext, resource_type: str, resource_id: str) -> Flow[dict[st
     _check(ctx, resource_type, Interaction.READ)
     url = resource_url(ctx, resource_type, resource_id)
     what = f"read {resource_type}"
-    return _one(_request("GET", url, what), what)
+    return _one(_request("GET", url, what), what, resource_type)
 
 
-def _one(request: httpx.Request, what: str) -> Flow[dict[str, Any]]:
+def _one(request: httpx.Request, what: str, resource_type: str | None = None) -> Flow[dict[str, Any]]:
     response = yield request
-    return expect_resource(response, what)
+    return expect_resource(response, what, resource_type=resource_type)
 
 
 def _search_pairs(params: Mapping[str, Any] | Sequence[tuple[str, Any]] | None) -> list[tuple[str, str]]:
@@ -413,7 +416,7 @@ def _write(ctx: FhirContext, request: httpx.Request, resource_type: str, what: s
         return {"resourceType": resource_type, "id": located_id}  # write-only type: nothing to read
     log.debug("modmed: %s answered no body; reading it back", what)
     response = yield _request("GET", resource_url(ctx, resource_type, located_id), f"read {resource_type}")
-    return expect_resource(response, f"read back after {what}")
+    return expect_resource(response, f"read back after {what}", resource_type=resource_type)
 
 
 def delete(ctx: FhirContext, resource_type: str, resource_id: str) -> Flow[None]:

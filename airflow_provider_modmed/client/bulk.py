@@ -53,7 +53,7 @@ import httpx
 from airflow_provider_modmed.capabilities import EXPORT_LEVELS, Interaction
 from airflow_provider_modmed.client._flows import FhirContext, Sleep, json_body, validate_id
 from airflow_provider_modmed.client.auth import NO_CREDENTIALS
-from airflow_provider_modmed.client.config import origin
+from airflow_provider_modmed.client.config import is_loopback, origin
 from airflow_provider_modmed.client.retry import WHAT, retry_after_seconds
 from airflow_provider_modmed.errors import (
     ConfigurationError,
@@ -393,6 +393,18 @@ class Manifest:
                 "output": entries(self.output), "deleted": entries(self.deleted), "error": entries(self.error)}
 
 
+def _check_file_url(section: str, url: str) -> None:
+    """Bulk files carry patient data: https only (plain http only on loopback, e.g. the sandbox)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise ModMedError(f"the bulk manifest has a {section!r} entry whose url is not a URL") from None
+    if parsed.scheme == "https" or (parsed.scheme == "http" and is_loopback(parsed.host)):
+        return
+    raise ModMedError(f"refusing a bulk {section} file over {parsed.scheme or 'no scheme'}:// from {parsed.host!r}: "
+                      "bulk file URLs must be https:// (http:// only on loopback)")
+
+
 def _items(section: str, raw: Sequence[Any], base: str | None) -> Iterator[ManifestItem]:
     per_type: Counter[str] = Counter()
     default_type = {"error": "OperationOutcome", "deleted": "Bundle"}.get(section)
@@ -407,6 +419,7 @@ def _items(section: str, raw: Sequence[Any], base: str | None) -> Iterator[Manif
         url = entry["url"]
         if base and not url.startswith(("https://", "http://")):
             url = str(httpx.URL(base).join(url))
+        _check_file_url(section, url)
         per_type[rtype] += 1
         yield ManifestItem(section, rtype, url, count, f"{section}/{rtype}.{per_type[rtype]:04d}.ndjson")
 

@@ -30,7 +30,7 @@ from airflow_provider_modmed.client.auth import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.limiter import RateBudget
-from airflow_provider_modmed.client.retry import describe, retry_kwargs
+from airflow_provider_modmed.client.retry import describe, retry_kwargs, tls_verify_failure
 from airflow_provider_modmed.errors import TransportError
 
 log = logging.getLogger("airflow_provider_modmed.client")
@@ -61,6 +61,11 @@ def _redact_httpx_logs() -> None:
 
 
 def _transport_error(request: httpx.Request, exc: httpx.RequestError) -> TransportError:
+    tls = tls_verify_failure(exc)
+    if tls is not None:
+        return TransportError(f"{describe(request)}: the server's TLS certificate failed verification "
+                              f"({tls.verify_message or tls.reason}); if the practice's server uses a private CA, "
+                              "give the client its CA bundle (verify=<file>)")
     return TransportError(f"{describe(request)} got no answer ({type(exc).__name__})")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import inspect
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -89,8 +90,21 @@ def _request_of(exc: BaseException) -> httpx.Request | None:
         return None
 
 
+def tls_verify_failure(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind ``exc`` (httpx -> httpcore -> ssl), if that is what it is."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def should_retry_exception(exc: BaseException) -> bool:
     """Retry decision for a call that got no usable answer."""
+    if tls_verify_failure(exc) is not None:
+        return False  # an untrusted certificate stays untrusted: no retry
     if isinstance(exc, (ServerError, RateLimitedError)):
         return True  # raised by the auth flow's token request: the FHIR request never left
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):

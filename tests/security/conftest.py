@@ -1,0 +1,80 @@
+"""The security suite's sandbox: recognizable seeded secrets, so a leak anywhere can be found by value."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_modmed.client import auth as auth_mod
+from airflow_provider_modmed.client import limiter as limiter_mod
+from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.reliability._plugin import figures, pytest_runtest_makereport
+
+__all__ = ["figures", "pytest_runtest_makereport"]
+
+#: every seeded secret starts with this: the scans also look for the bare marker
+MARKER = "SEEDSECRET"
+RUN = secrets.token_hex(4)
+SEEDED = {
+    "api_key": f"{MARKER}-apikey-{RUN}",
+    "password": f"{MARKER}-password-{RUN}",
+    "client_secret": f"{MARKER}-keycloak-{RUN}",
+    "cert_client_secret": f"{MARKER}-certsecret-{RUN}",
+}
+
+
+@pytest.fixture(scope="package")
+def seeded() -> Iterator[SandboxServer]:
+    """A sandbox whose API key, password and client secrets are the recognizable values of SEEDED."""
+    with SandboxServer(patients=12, seed=97, export_seconds=0.3, rate_limit_per_minute=100_000,
+                       credential_overrides=dict(SEEDED)) as server:
+        yield server
+
+
+@pytest.fixture
+def sb(seeded: SandboxServer) -> Iterator[SandboxServer]:
+    seeded.reset_faults()
+    yield seeded
+    seeded.reset_faults()
+
+
+@pytest.fixture(scope="package")
+def modmed_connections(seeded: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
+    """The seeded sandbox's connections, plus three whose secrets are wrong (for failing runs)."""
+    conns: dict[str, dict[str, Any]] = json.loads(json.dumps(seeded.credentials["airflow_connections"]))
+    wrong_password = json.loads(json.dumps(conns["modmed_default"]))
+    wrong_password["password"] = f"{MARKER}-wrongpassword-{RUN}"
+    wrong_key = json.loads(json.dumps(conns["modmed_default"]))
+    wrong_key["extra"]["api_key"] = f"{MARKER}-wrongapikey-{RUN}"
+    wrong_secret = json.loads(json.dumps(conns["modmed_proprietary_cc"]))
+    wrong_secret["extra"]["client_secret"] = f"{MARKER}-wrongsecret-{RUN}"
+    conns.update(modmed_wrong_password=wrong_password, modmed_wrong_key=wrong_key,
+                 modmed_wrong_secret=wrong_secret)
+    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
+    for conn_id, conn in conns.items():
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
+    yield conns
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    from tests.airflow.conftest import airflow_cli
+
+    airflow_cli("db", "migrate")
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth_mod, "_caches", {})
+    monkeypatch.setattr(limiter_mod, "_sync_storages", {})
