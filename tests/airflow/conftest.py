@@ -33,9 +33,8 @@ def airflow_db() -> str:
 
 
 @contextlib.contextmanager
-def sandbox_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
-    """Set a sandbox's ready-made connections as AIRFLOW_CONN_* variables, restoring the old ones after."""
-    conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
+def connections_env(conns: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict[str, Any]]]:
+    """Set connections (Airflow's JSON form) as AIRFLOW_CONN_* variables, restoring the old ones after."""
     saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
     for conn_id, conn in conns.items():
         os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
@@ -47,6 +46,11 @@ def sandbox_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, 
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def sandbox_connections(sandbox: SandboxServer) -> contextlib.AbstractContextManager[dict[str, dict[str, Any]]]:
+    """A sandbox's ready-made connections as AIRFLOW_CONN_* variables (see :func:`connections_env`)."""
+    return connections_env(sandbox.credentials["airflow_connections"])
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from airflow_provider_modmed.client import limiter as limiter_mod
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.airflow.conftest import connections_env
 from tests.reliability._plugin import figures, pytest_runtest_makereport
 
 __all__ = ["figures", "pytest_runtest_makereport"]
@@ -39,15 +40,8 @@ def sb(sandbox: SandboxServer) -> Iterator[SandboxServer]:
 def modmed_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, Any]]]:
     """The suite sandbox's Airflow connections as AIRFLOW_CONN_* variables (restored afterwards)."""
     conns: dict[str, dict[str, Any]] = sandbox.credentials["airflow_connections"]
-    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
-    for conn_id, conn in conns.items():
-        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
-    yield conns
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with connections_env(conns):
+        yield conns
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.airflow.conftest import connections_env
 from tests.reliability._plugin import figures, pytest_runtest_makereport
 
 __all__ = ["figures", "pytest_runtest_makereport"]
@@ -55,15 +56,8 @@ def modmed_connections(seeded: SandboxServer) -> Iterator[dict[str, dict[str, An
     wrong_secret["extra"]["client_secret"] = f"{MARKER}-wrongsecret-{RUN}"
     conns.update(modmed_wrong_password=wrong_password, modmed_wrong_key=wrong_key,
                  modmed_wrong_secret=wrong_secret)
-    saved = {f"AIRFLOW_CONN_{c.upper()}": os.environ.get(f"AIRFLOW_CONN_{c.upper()}") for c in conns}
-    for conn_id, conn in conns.items():
-        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
-    yield conns
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with connections_env(conns):
+        yield conns
 
 
 @pytest.fixture(scope="session")
