@@ -51,12 +51,9 @@ FILE_NAME = re.compile(r"^(?P<patient_id>[A-Za-z0-9][A-Za-z0-9.\-]{0,63})_.+\.pd
 
 def is_sandbox(conn_id: str) -> bool:
     """True when the connection points at a loopback host (the modmed-sandbox), read from the connection only."""
-    import httpx
-
-    from airflow_provider_modmed.client.config import is_loopback
     from airflow_provider_modmed.hooks.modmed import ModMedHook
 
-    return is_loopback(httpx.URL(ModMedHook(conn_id).config.fhir_base).host)
+    return ModMedHook(conn_id).targets_loopback
 
 
 def folder_path(text: str) -> ObjectStoragePath:

@@ -184,12 +184,9 @@ def require_key(resource: dict[str, Any], key: dict[str, str]) -> dict[str, Any]
 
 def is_sandbox(conn_id: str) -> bool:
     """True when the connection points at a loopback host (the modmed-sandbox), read from the connection only."""
-    import httpx
-
-    from airflow_provider_modmed.client.config import is_loopback
     from airflow_provider_modmed.hooks.modmed import ModMedHook
 
-    return is_loopback(httpx.URL(ModMedHook(conn_id).config.fhir_base).host)
+    return ModMedHook(conn_id).targets_loopback
 
 
 @dag(

@@ -8,10 +8,12 @@ from collections.abc import Iterator, Mapping
 from functools import cached_property
 from typing import Any
 
+import httpx
 from airflow.sdk import BaseHook
 
 from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import AsyncFhirClient, ClientConfig, FhirClient
+from airflow_provider_modmed.client.config import is_loopback
 from airflow_provider_modmed.connection_form import CONN_TYPE, HOOK_NAME
 from airflow_provider_modmed.errors import (
     AuthError,
@@ -83,6 +85,11 @@ class ModMedHook(BaseHook):
     @property
     def track(self) -> Track:
         return self.config.resolved_track
+
+    @property
+    def targets_loopback(self) -> bool:
+        """True when the connection points at a loopback host (e.g. the modmed-sandbox); no network call."""
+        return is_loopback(httpx.URL(self.config.fhir_base).host)
 
     # -- clients ----------------------------------------------------------------------------------
     def get_conn(self) -> FhirClient:
