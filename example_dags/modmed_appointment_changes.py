@@ -43,16 +43,13 @@ from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 from airflow_provider_modmed.sensors.changes import ModMedChangesSensor
 
 DAG_ID = "modmed_appointment_changes"
-DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
 
 
 def modmed_output_base(override: str | None = None) -> str:
     """The run's ``output_base`` param, else ``[modmed] output_base``, else ``file:///tmp/modmed``."""
-    if override:
-        return str(override).rstrip("/")
-    from airflow.sdk import conf
+    from airflow_provider_modmed.operators._common import output_base
 
-    return str(conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)).rstrip("/")
+    return output_base(override)
 
 
 @dag(

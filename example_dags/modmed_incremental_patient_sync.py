@@ -44,16 +44,13 @@ from airflow_provider_modmed.operators.resources import ModMedSearchResourcesOpe
 
 DAG_ID = "modmed_incremental_patient_sync"
 log = logging.getLogger(f"example_dags.{DAG_ID}")
-DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
 
 
 def modmed_output_base(override: str | None = None) -> str:
     """The run's ``output_base`` param, else ``[modmed] output_base``, else ``file:///tmp/modmed``."""
-    if override:
-        return str(override).rstrip("/")
-    from airflow.sdk import conf
+    from airflow_provider_modmed.operators._common import output_base
 
-    return str(conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)).rstrip("/")
+    return output_base(override)
 
 
 @dag(

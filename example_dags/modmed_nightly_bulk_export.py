@@ -49,18 +49,15 @@ from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperat
 log = logging.getLogger(__name__)
 
 DAG_ID = "modmed_nightly_bulk_export"
-DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
 DEFAULT_TYPES = ("Patient,AllergyIntolerance,Condition,Encounter,Immunization,Observation,DiagnosticReport,"
                  "DocumentReference")
 
 
 def modmed_output_base(override: str | None = None) -> str:
     """The run's ``output_base`` param, else ``[modmed] output_base``, else ``file:///tmp/modmed``."""
-    if override:
-        return str(override).rstrip("/")
-    from airflow.sdk import conf
+    from airflow_provider_modmed.operators._common import output_base
 
-    return str(conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)).rstrip("/")
+    return output_base(override)
 
 
 def watermark_path(params: dict[str, Any]) -> ObjectStoragePath:

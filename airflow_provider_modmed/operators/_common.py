@@ -44,6 +44,19 @@ _SHOWN_KEYS = frozenset({"resourceType", "id", "system", "use", "url"})
 FAIL_FAST: tuple[type[ModMedError], ...] = (ConfigurationError, CapabilityError, ValidationError)
 
 
+#: where operators write when no output path is given and ``[modmed] output_base`` is unset
+DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
+
+
+def output_base(override: str | None = None) -> str:
+    """``override``, else ``[modmed] output_base``, else ``file:///tmp/modmed``; without a trailing slash."""
+    if override:
+        return str(override).rstrip("/")
+    from airflow.sdk import conf
+
+    return str(conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)).rstrip("/")
+
+
 def masked_shape(value: Any, *, show_underscore_keys: bool = False, _depth: int = 0) -> Any:
     """``value`` with its structure kept and its values masked (see the module docstring)."""
     if _depth > 12:

@@ -28,6 +28,7 @@ from airflow_provider_modmed.client.validation import validate_resource
 from airflow_provider_modmed.errors import ConfigurationError, ConflictError, NotFoundError
 from airflow_provider_modmed.operators._common import (
     ModMedBaseOperator,
+    output_base,
     parse_json_arg,
     resource_summary,
     storage_dataset,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 RECONCILIATION_EXTENSION = "https://www.modmed.com/fhir/StructureDefinition/reconciliation-id"
 #: where search output goes when neither ``output_path`` nor ``output_base`` is given; override it for a
 #: deployment with ``[modmed] output_base`` (``AIRFLOW__MODMED__OUTPUT_BASE``), e.g. ``s3://bucket/modmed``
-DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
 #: resources returned through XCom at most with ``return_resources=True``
 DEFAULT_MAX_XCOM_RESOURCES = 100
 
@@ -527,9 +527,7 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
         self.headers = dict(headers or {})
 
     def _default_path(self, context: Context) -> str:
-        from airflow.sdk import conf
-
-        base = self.output_base or conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)
+        base = output_base(self.output_base)
         ti = context.get("ti")
         map_index = getattr(ti, "map_index", -1)
         task = _safe_segment(self.task_id) + (f"_{map_index}" if map_index not in (None, -1) else "")

@@ -46,12 +46,16 @@ from airflow_provider_modmed.client.changes import (
     to_ms,
 )
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
-from airflow_provider_modmed.operators._common import ModMedBaseOperator, parse_json_arg, storage_dataset
+from airflow_provider_modmed.operators._common import (
+    ModMedBaseOperator,
+    output_base,
+    parse_json_arg,
+    storage_dataset,
+)
 from airflow_provider_modmed.triggers.changes import ModMedChangesTrigger
 
 STATE_FORMAT = 1
 #: where change sets go when neither ``output_path`` nor ``[modmed] output_base`` is set
-DEFAULT_OUTPUT_BASE = "file:///tmp/modmed"
 
 
 def _now_ms() -> int:
@@ -208,7 +212,7 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
             folder = str(self.output_path).rstrip("/")
         else:  # like the search operator: [modmed] output_base/{dag_id}/{run_id}/{task_id}
             ti = context.get("ti")
-            base = str(conf.get("modmed", "output_base", fallback=DEFAULT_OUTPUT_BASE)).rstrip("/")
+            base = output_base()
             dag_id = getattr(ti, "dag_id", None) or getattr(self, "dag_id", None) or "dag"
             run_id = context.get("run_id") or getattr(ti, "run_id", None) or "run"
             folder = f"{base}/{_safe(dag_id)}/{_safe(run_id)}/{_safe(self.task_id)}"
