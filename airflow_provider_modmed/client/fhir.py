@@ -30,7 +30,7 @@ from airflow_provider_modmed.client.auth import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.limiter import RateBudget
-from airflow_provider_modmed.client.retry import describe, retry_kwargs, tls_verify_failure
+from airflow_provider_modmed.client.retry import ATTEMPT, describe, retry_kwargs, tls_verify_failure
 from airflow_provider_modmed.errors import TransportError
 
 log = logging.getLogger("airflow_provider_modmed.client")
@@ -127,6 +127,7 @@ class FhirClient(_Face):
 
     def _send_once(self, request: httpx.Request) -> httpx.Response:
         started = time.monotonic()
+        request.extensions[ATTEMPT] = request.extensions.get(ATTEMPT, 0) + 1
         response = self.http.send(request, auth=self.auth)
         _log_answer(request, response, started)
         return response
@@ -212,6 +213,7 @@ class AsyncFhirClient(_Face):
 
     async def _send_once(self, request: httpx.Request) -> httpx.Response:
         started = time.monotonic()
+        request.extensions[ATTEMPT] = request.extensions.get(ATTEMPT, 0) + 1
         response = await self.http.send(request, auth=self.auth)
         _log_answer(request, response, started)
         return response

@@ -45,6 +45,8 @@ SAFE_TO_RETRY = "modmed.safe_to_retry"
 TOKEN_REQUEST = "modmed.token_request"  # noqa: S105
 #: request extension: what the call is, for logs and errors ("read Patient"); never ids or values
 WHAT = "modmed.what"
+#: request extension set by the faces: how many times this request has been sent (1 on the first try)
+ATTEMPT = "modmed.attempt"
 
 #: tenacity 9.2 renamed wait_exponential_jitter's ``initial`` to ``multiplier`` (older: ``initial`` only)
 _FIRST_WAIT = ("multiplier" if "multiplier" in inspect.signature(wait_exponential_jitter.__init__).parameters
@@ -62,6 +64,16 @@ def describe(request: httpx.Request | None) -> str:
         return "request"
     what = request.extensions.get(WHAT)
     return str(what) if what else request.method
+
+
+def was_resent(response: httpx.Response) -> bool:
+    """Whether ``response`` answers a resend: an earlier attempt of the same request may have landed
+    (its answer lost), so a flow may meet its own write (412 on If-Match, 404/410 on delete)."""
+    try:
+        request = response.request
+    except RuntimeError:  # a canned response without a request
+        return False
+    return int(request.extensions.get(ATTEMPT, 1)) > 1
 
 
 def is_safe_to_resend(request: httpx.Request) -> bool:

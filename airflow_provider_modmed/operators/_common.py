@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -30,7 +31,7 @@ from airflow_provider_modmed.hooks.modmed import ModMedHook
 
 if TYPE_CHECKING:
     import jinja2
-    from airflow.sdk import Context
+    from airflow.sdk import Context, ObjectStoragePath
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +245,20 @@ def storage_dataset(path: str) -> tuple[str, str]:
         return "file", parts.path or path
     bucket = parts.netloc.rsplit("@", 1)[-1]  # drop a conn_id given as s3://conn_id@bucket/key
     return f"{parts.scheme}://{bucket}", parts.path.lstrip("/")
+
+
+def storage_path(url: str, conn_id: str | None = None) -> ObjectStoragePath:
+    """An absolute local path or object-storage URL as an ``ObjectStoragePath`` (``conn_id`` for its storage)."""
+    from airflow.sdk import ObjectStoragePath
+
+    text = str(url)
+    if "://" not in text:
+        if not text.startswith("/"):
+            raise ConfigurationError(f"output path {text!r} must be absolute or a URL (file://, s3://, gs://, ...)")
+        text = "file://" + text
+    return ObjectStoragePath(text, conn_id=conn_id) if conn_id else ObjectStoragePath(text)
+
+
+def safe_segment(value: Any) -> str:
+    """``value`` made safe as one path segment (dag ids, run ids, task ids, resource types)."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value)).strip("_") or "_"

@@ -31,11 +31,13 @@ from airflow_provider_modmed.operators._common import (
     output_base,
     parse_json_arg,
     resource_summary,
+    safe_segment,
     storage_dataset,
+    storage_path,
 )
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context, ObjectStoragePath
+    from airflow.sdk import Context
 
 __all__ = [
     "ModMedCreateResourceOperator",
@@ -236,7 +238,7 @@ class ModMedReadResourceOperator(ModMedBaseOperator):
         with self.fail_fast():
             self.preflight(self.resource_type, Interaction.READ)
             resource_id = validate_id(_id_arg(self.resource_id), "resource_id")
-            path = _storage_path(self.output_path, self.output_conn_id) if self.output_path else None
+            path = storage_path(self.output_path, self.output_conn_id) if self.output_path else None
         with self.fail_fast():
             resource = self.run_closing(lambda: self.hook.get_conn().read(self.resource_type, resource_id))
         out = resource_summary(resource)
@@ -456,21 +458,6 @@ class ModMedDeleteResourceOperator(ModMedBaseOperator):
 
 # -- search ----------------------------------------------------------------------------------------
 
-def _storage_path(url: str, conn_id: str | None) -> ObjectStoragePath:
-    from airflow.sdk import ObjectStoragePath
-
-    text = str(url)
-    if "://" not in text:
-        if not text.startswith("/"):
-            raise ConfigurationError(f"output path {text!r} must be absolute or a URL (file://, s3://, gs://, ...)")
-        text = "file://" + text
-    return ObjectStoragePath(text, conn_id=conn_id) if conn_id else ObjectStoragePath(text)
-
-
-def _safe_segment(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value)).strip("_") or "_"
-
-
 class ModMedSearchResourcesOperator(ModMedBaseOperator):
     """Search a resource type through every page into an NDJSON file; return its path, count and ids.
 
@@ -530,10 +517,10 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
         base = output_base(self.output_base)
         ti = context.get("ti")
         map_index = getattr(ti, "map_index", -1)
-        task = _safe_segment(self.task_id) + (f"_{map_index}" if map_index not in (None, -1) else "")
+        task = safe_segment(self.task_id) + (f"_{map_index}" if map_index not in (None, -1) else "")
         run_id = context.get("run_id") or getattr(ti, "run_id", None) or "run"
-        return "/".join([str(base).rstrip("/"), _safe_segment(self.dag_id), _safe_segment(run_id), task,
-                         f"{_safe_segment(self.resource_type)}.ndjson"])
+        return "/".join([str(base).rstrip("/"), safe_segment(self.dag_id), safe_segment(run_id), task,
+                         f"{safe_segment(self.resource_type)}.ndjson"])
 
     def _window(self, context: Context) -> LastUpdatedWindow | None:
         start, end = self.last_updated_start, self.last_updated_end
@@ -562,7 +549,7 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
             params = parse_json_arg(self.phi_value("search_params"), "search_params")
             target = self.output_path or self._default_path(context)
             self.output_path = str(target)
-            path = _storage_path(target, self.output_conn_id)
+            path = storage_path(target, self.output_conn_id)
         rt = spec.resource_type
         if window is not None:
             mode = window.mode(self.track, self.capabilities, rt)
