@@ -37,6 +37,7 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "ModMed",
                 "python-modules": [
                     "airflow_provider_modmed.operators.resources",
+                    "airflow_provider_modmed.operators.search",
                     "airflow_provider_modmed.operators.documents",
                     "airflow_provider_modmed.operators.bulk_export",
                 ],

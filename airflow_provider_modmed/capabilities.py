@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from airflow_provider_modmed.errors import CapabilityError
+from airflow_provider_modmed.errors import CapabilityError, ConfigurationError
 
 
 class Track(str, Enum):
@@ -148,17 +148,35 @@ class Capabilities:
         base = self.overrides.get(resource_type) or MATRIX.get(resource_type)
         if base is None or self.variant is Variant.PROFILE:
             return base
-        if resource_type == "Patient":
-            return ResourceSpec(**{**base.__dict__, "proprietary": RSCU})
-        if resource_type == "Coverage":
+        if resource_type in ("Patient", "Coverage"):  # published: no Patient delete, Coverage update
             return ResourceSpec(**{**base.__dict__, "proprietary": RSCU})
         return base
 
     def allows(self, track: Track, resource_type: str, interaction: Interaction) -> bool:
+        """Whether ``track`` allows ``interaction`` on ``resource_type``. Bulk export is certified-only
+        and needs the type to be readable there."""
         spec = self.spec(resource_type)
+        if spec is None:
+            return False
         if interaction is Interaction.EXPORT:
-            return track is Track.CERTIFIED
-        return spec is not None and interaction in spec.interactions(track)
+            return track is Track.CERTIFIED and Interaction.READ in spec.certified
+        return interaction in spec.interactions(track)
+
+    def missing_search_params(self, track: Track | str, resource_type: str, names: Iterable[str]) -> list[str]:
+        """The search parameters ``track`` requires on ``resource_type`` that ``names`` lacks (a name may
+        carry a modifier: ``patient:exact`` counts as ``patient``)."""
+        spec = self.spec(resource_type)
+        if Track(track) is not Track.PROPRIETARY or spec is None:
+            return []
+        given = {str(name).split(":", 1)[0] for name in names}
+        return [p for p in spec.required_search_params if p not in given]
+
+    def require_search_params(self, track: Track | str, resource_type: str, names: Iterable[str]) -> None:
+        """Raise :class:`ConfigurationError` when a search lacks a parameter ModMed requires."""
+        missing = self.missing_search_params(track, resource_type, names)
+        if missing:
+            raise ConfigurationError(f"ModMed requires search parameter(s) {', '.join(missing)} on "
+                                     f"{resource_type}")
 
     def resource_types(self, track: Track) -> list[str]:
         return sorted(t for t in MATRIX if self.allows(track, t, Interaction.READ)
@@ -177,8 +195,10 @@ class Capabilities:
             return spec
         other = Track.CERTIFIED if track is Track.PROPRIETARY else Track.PROPRIETARY
         what = f"{interaction.value} on {resource_type}" if interaction is not Interaction.EXPORT \
-            else "Bulk Data $export"
-        if self.allows(other, resource_type, interaction):
+            else f"Bulk Data $export of {resource_type}"
+        if interaction is Interaction.EXPORT and track is Track.CERTIFIED:
+            hint = f"{resource_type} is not readable on the certified track, so it cannot be exported"
+        elif self.allows(other, resource_type, interaction):
             hint = f"use a connection with track={other.value!r}"
             if other is Track.CERTIFIED:
                 hint += " (ONC-certified API: separate vendor registration and practice consent)"

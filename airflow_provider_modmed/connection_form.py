@@ -9,17 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_provider_modmed.profile import (
+    CERTIFIED_FHIR_SUFFIX,
+    PROPRIETARY_ENVIRONMENTS,
+    PUBLIC_SANDBOX_FIRM,
+    environment_path,
+)
+
 CONN_TYPE = "modmed"
 HOOK_NAME = "ModMed"
 
-#: the environments ModMed publishes for the proprietary track (env_base, without the firm prefix)
-PROPRIETARY_ENVIRONMENTS: dict[str, str] = {
-    "sandbox": "https://stage.ema-api.com/ema-dev/firm",
-    "training": "https://stage.ema-api.com/ema-training/firm",
-    "production": "https://mmapi.ema-api.com/ema-prod/firm",
+#: the ``environment`` choices: ModMed's published environments, or ``custom`` (Host is the base URL)
+ENVIRONMENTS = (*PROPRIETARY_ENVIRONMENTS, "custom")
+#: example custom base URLs (the modmed-sandbox emulator on its default port), for help texts and errors
+CUSTOM_HOST_EXAMPLES = {
+    "proprietary": f"http://127.0.0.1:8899{environment_path('sandbox')}",
+    "certified": f"http://127.0.0.1:8899/certified/{PUBLIC_SANDBOX_FIRM}{CERTIFIED_FHIR_SUFFIX}",
 }
-#: the certified track's FHIR base per practice (``{firm}`` is the firm URL prefix)
-CERTIFIED_BASE_TEMPLATE = "https://{firm}.mmi.prod.fhir.ema-api.com/fhir/r4"
 
 
 def _string(label: str, description: str, *, secret: bool = False, default: str | None = None,
@@ -47,8 +53,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
                      default="proprietary", enum=["proprietary", "certified"]),
     "environment": _string("Environment", "sandbox, training or production; custom uses Host as the base "
                            "URL (e.g. the modmed-sandbox emulator).", default="sandbox",
-                           enum=["sandbox", "training", "production", "custom"]),
-    "firm_url_prefix": _string("Firm URL prefix", "The practice's firm prefix, e.g. apiportal "
+                           enum=list(ENVIRONMENTS)),
+    "firm_url_prefix": _string("Firm URL prefix", f"The practice's firm prefix, e.g. {PUBLIC_SANDBOX_FIRM} "
                                "(ModMed's public sandbox firm)."),
     "auth_method": _string("Auth method", "password (proprietary password grant + API key), "
                            "client_secret (client credentials) or private_key_jwt (SMART backend "
@@ -86,8 +92,8 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
         "password": "Password",
     },
     "placeholders": {
-        "host": "http://127.0.0.1:8899/ema-dev/firm (proprietary) or "
-        "http://127.0.0.1:8899/certified/apiportal/fhir/r4 (certified)",
+        "host": f"{CUSTOM_HOST_EXAMPLES['proprietary']} (proprietary) or "
+        f"{CUSTOM_HOST_EXAMPLES['certified']} (certified)",
         "port": "8899 (only with environment custom; overrides the URL's port)",
         "login": "ModMed username (password grant)",
         "password": "ModMed password (password grant)",

@@ -118,7 +118,32 @@ _BY_STATUS: dict[int, type[ModMedError]] = {
 }
 
 
-def error_for_status(status_code: int, body: Any, what: str) -> ModMedError:
-    """Build the typed error for an HTTP answer; ``what`` says which call failed (no data, no secrets)."""
+def error_class(status_code: int, *, auth: bool = False) -> type[ModMedError]:
+    """The typed error class for an HTTP status, the one mapping every layer uses.
+
+    ``auth``: the answer of a token or discovery endpoint, where every refusal but 403 (forbidden),
+    429 (throttled) and 5xx means the credentials were refused (:class:`AuthError`).
+    """
     cls = _BY_STATUS.get(status_code) or (ServerError if status_code >= 500 else ModMedError)
-    return cls(f"{what} failed", status_code=status_code, issues=issues_from_body(body))
+    if auth and cls not in (ForbiddenError, RateLimitedError, ServerError):
+        return AuthError
+    return cls
+
+
+def error_for_status(status_code: int, body: Any, what: str, *, auth: bool = False,
+                     detail: str = "") -> ModMedError:
+    """Build the typed error for an HTTP answer; ``what`` says which call failed (no data, no secrets),
+    ``detail`` is appended to it (e.g. an OAuth error code)."""
+    return error_class(status_code, auth=auth)(f"{what} failed{detail}", status_code=status_code,
+                                               issues=issues_from_body(body))
+
+
+def json_body(response: Any) -> Any:
+    """The JSON body of an ``httpx.Response``, ``None`` when empty or not JSON (error bodies need not be
+    JSON)."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -9,6 +9,8 @@ elsewhere. (The sandbox's own tests state the documented values literally, from
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 # -- hosts and URL layouts ------------------------------------------------------------------------
 
 #: proprietary (partner) API: the environment base URL of each named environment; a practice's FHIR
@@ -18,10 +20,14 @@ PROPRIETARY_ENVIRONMENTS: dict[str, str] = {
     "training": "https://stage.ema-api.com/ema-training/firm",
     "production": "https://mmapi.ema-api.com/ema-prod/firm",
 }
+#: the firm URL prefix of ModMed's public sandbox practice
+PUBLIC_SANDBOX_FIRM = "apiportal"
 #: proprietary track: FHIR base below ``{environment base}/{firm}``
 PROPRIETARY_FHIR_SUFFIX = "/ema/fhir/v2"
 #: proprietary track: the OAuth2 password grant endpoint below ``{environment base}/{firm}``
 PROPRIETARY_GRANT_SUFFIX = "/ema/ws/oauth2/grant"
+#: proprietary track, auth B: the Keycloak realm's token endpoint path (client_credentials)
+KEYCLOAK_TOKEN_PATH = "/auth/realms/ema-fhir/protocol/openid-connect/token"  # noqa: S105
 #: certified (ONC) API: one host per practice, the firm prefix as subdomain
 CERTIFIED_BASE_TEMPLATE = "https://{firm}.mmi.prod.fhir.ema-api.com/fhir/r4"
 #: certified track: the FHIR base's path below the practice's root (``.../{firm}/fhir/r4``)
@@ -36,6 +42,24 @@ def proprietary_fhir_base(env_base: str, firm: str) -> str:
 def proprietary_grant_url(env_base: str, firm: str) -> str:
     """``{env_base}/{firm}/ema/ws/oauth2/grant``: the password grant of one practice."""
     return f"{env_base.rstrip('/')}/{firm}{PROPRIETARY_GRANT_SUFFIX}"
+
+
+def grant_url_of(fhir_base: str) -> str | None:
+    """The password grant beside a proprietary FHIR base (``.../ema/fhir/v2``); None for another layout."""
+    base = fhir_base.rstrip("/")
+    if not base.endswith(PROPRIETARY_FHIR_SUFFIX):
+        return None
+    return base[: -len(PROPRIETARY_FHIR_SUFFIX)] + PROPRIETARY_GRANT_SUFFIX
+
+
+def environment_path(environment: str) -> str:
+    """The path of a named environment's base below its host, e.g. ``/ema-dev/firm`` for ``sandbox``."""
+    return urlsplit(PROPRIETARY_ENVIRONMENTS[environment]).path
+
+
+def certified_fhir_base(firm: str) -> str:
+    """The certified (ONC) API's FHIR base of one practice."""
+    return CERTIFIED_BASE_TEMPLATE.format(firm=firm)
 
 
 # -- identifier, extension and code systems -------------------------------------------------------

@@ -14,15 +14,9 @@ Usable from any Python program::
 from __future__ import annotations
 
 from airflow_provider_modmed.client._flows import (
-    Emit,
     FhirContext,
     InvalidIdError,
-    Sleep,
-    adrive,
-    aiterate,
-    drive,
     encode_id,
-    iterate,
     next_page_request,
     validate_id,
 )
@@ -36,15 +30,11 @@ from airflow_provider_modmed.client.auth import (
     auth_from_config,
     token_cache,
 )
-from airflow_provider_modmed.client.config import (
-    AuthMethod,
-    ClientConfig,
-    certified_fhir_base,
-    proprietary_fhir_base,
-)
+from airflow_provider_modmed.client.config import AuthMethod, ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.limiter import RateBudget
 from airflow_provider_modmed.client.retry import retry_after_seconds, retry_kwargs
+from airflow_provider_modmed.profile import certified_fhir_base, proprietary_fhir_base
 
 __all__ = [
     "NO_CREDENTIALS",

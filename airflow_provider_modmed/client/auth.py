@@ -1,11 +1,12 @@
 """httpx auth flows for ModMed's three auth methods, with one shared token cache per credential set.
 
 Each flow is written once, as :meth:`ModMedAuth.auth_flow`: a generator that yields the token request
-(and SMART discovery) itself and does no I/O of its own. The token phase is yielded as a
-:class:`TokenPhase` step; the two thin drivers (:meth:`~ModMedAuth.sync_auth_flow`,
-:meth:`~ModMedAuth.async_auth_flow`) run it under the cache's lock (a ``threading.Lock`` for the sync
-face, an ``anyio.Lock`` for the async face) and pass every other request through unchanged. This is
-the "locks" case httpx's docs give for overriding the drivers; no token logic lives in them.
+(and SMART discovery) itself and does no I/O of its own. Besides requests it yields two small I/O steps:
+take the cache's renewal lock (single flight) and read a token answer's body (FHIR answers stay unread so
+downloads can stream). The two drivers (:meth:`~ModMedAuth.sync_auth_flow`,
+:meth:`~ModMedAuth.async_auth_flow`) differ only in running those steps: a ``threading.Lock`` and
+``Response.read`` for the sync face, an ``anyio.Lock`` and ``Response.aread`` for the async face. Token
+requests carry the ``User-Agent`` and ``Accept-Encoding`` of the request that needed the token.
 
 * :class:`PasswordGrantAuth`: the proprietary password grant + ``x-api-key``; refresh_token when the
   token expires or a call answers 401; full re-authentication when the refresh fails.
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -47,15 +48,7 @@ from airflow_provider_modmed.client.config import (
     origin,
 )
 from airflow_provider_modmed.client.retry import TOKEN_REQUEST, WHAT, describe
-from airflow_provider_modmed.errors import (
-    AuthError,
-    ConfigurationError,
-    ForbiddenError,
-    ModMedError,
-    RateLimitedError,
-    ServerError,
-    issues_from_body,
-)
+from airflow_provider_modmed.errors import AuthError, ConfigurationError, ModMedError, error_for_status, json_body
 
 log = logging.getLogger("airflow_provider_modmed.client")
 
@@ -64,6 +57,8 @@ log = logging.getLogger("airflow_provider_modmed.client")
 NO_CREDENTIALS = "modmed.no_credentials"
 #: headers that carry credentials
 CREDENTIAL_HEADERS = ("Authorization", "x-api-key")
+#: the client's headers a token request copies from the request that needed the token
+CLIENT_HEADERS = ("User-Agent", "Accept-Encoding")
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: lifetime of a SMART client assertion (the spec allows at most 300 s)
@@ -148,37 +143,20 @@ def token_cache(key: str) -> TokenCache:
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
 def token_error(response: httpx.Response, what: str) -> ModMedError:
     """The typed error for a failed token (or discovery) answer: OAuth ``error`` code, never secrets."""
-    body = _json(response)
-    status = response.status_code
+    body = json_body(response)
     detail = ""
     if isinstance(body, Mapping) and body.get("error"):
         detail = f": {body.get('error')}"
         if body.get("error_description"):
             detail += f" ({str(body.get('error_description'))[:200]})"
-    cls: type[ModMedError]
-    if status == 403:
-        cls = ForbiddenError
-    elif status == 429:
-        cls = RateLimitedError
-    elif status >= 500:
-        cls = ServerError
-    else:
-        cls = AuthError
-    return cls(f"{what} failed{detail}", status_code=status, issues=issues_from_body(body))
+    return error_for_status(response.status_code, body, what, auth=True, detail=detail)
 
 
 def parse_token(response: httpx.Response, what: str) -> OAuth2Token:
     """An :class:`OAuth2Token` from a token answer, or the typed error."""
-    body = _json(response)
+    body = json_body(response)
     if response.status_code != 200 or not isinstance(body, dict) or not body.get("access_token"):
         if response.status_code == 200:
             raise AuthError(f"{what} answered no access_token", status_code=200)
@@ -204,11 +182,64 @@ def strip_credentials(request: httpx.Request) -> None:
         request.headers.pop(name, None)
 
 
-@dataclass(frozen=True)
-class TokenPhase:
-    """A step of :meth:`ModMedAuth.auth_flow`: run ``open()`` (a token flow) under the cache's lock."""
+class AuthIo:
+    """A step of :meth:`ModMedAuth.auth_flow` that is not a request: I/O its driver runs, sync or async."""
 
-    open: Callable[[], TokenFlow]
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    async def arun(self) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Lock(AuthIo):
+    """Take the cache's renewal lock (the thread lock, or the event loop's ``anyio.Lock``); answers the
+    function that releases it."""
+
+    cache: TokenCache
+
+    def run(self) -> Callable[[], None]:
+        self.cache.thread_lock.acquire()
+        return self.cache.thread_lock.release
+
+    async def arun(self) -> Callable[[], None]:
+        lock = self.cache.async_lock()
+        await lock.acquire()
+        return lock.release
+
+
+@dataclass(frozen=True)
+class Read(AuthIo):
+    """Read a token answer's body (before the flow parses it)."""
+
+    response: httpx.Response
+
+    def run(self) -> bytes:
+        return self.response.read()
+
+    async def arun(self) -> bytes:
+        return await self.response.aread()
+
+
+AuthStep = httpx.Request | AuthIo
+
+
+def _advance(flow: Generator[AuthStep, Any, None], answer: Any) -> AuthStep | None:
+    try:
+        return flow.send(answer)
+    except StopIteration:
+        return None
+
+
+def carry_client_settings(source: httpx.Request, target: httpx.Request) -> None:
+    """Give ``target`` (a token request, built by the flow) what the face's httpx client gave ``source``
+    (the request that needed the token): the :data:`CLIENT_HEADERS` and the timeout."""
+    for name in CLIENT_HEADERS:
+        if name in source.headers and name not in target.headers:
+            target.headers[name] = source.headers[name]
+    if "timeout" in source.extensions:
+        target.extensions.setdefault("timeout", source.extensions["timeout"])
 
 
 # -- the flows -----------------------------------------------------------------------------------
@@ -254,9 +285,9 @@ class ModMedAuth(httpx.Auth):
         log.debug("modmed: new token for %s://%s", self.origin[0], self.origin[1])
         return token
 
-    def auth_flow(  # type: ignore[override]  # also yields TokenPhase steps, run by the drivers below
+    def auth_flow(  # type: ignore[override]  # also yields AuthIo steps, run by the drivers below
         self, request: httpx.Request
-    ) -> Generator[httpx.Request | TokenPhase, Any, None]:
+    ) -> Generator[AuthStep, Any, None]:
         if not self.owns(request):
             strip_credentials(request)
             yield request
@@ -265,7 +296,7 @@ class ModMedAuth(httpx.Auth):
         for attempt in (1, 2):
             token = self.cache.usable(stale)
             if token is None:
-                token = yield TokenPhase(partial(self.renew, stale))
+                token = yield from self._token_phase(stale, request)
             self.apply(request, token)
             response = yield request
             if response.status_code != 401 or attempt == 2:
@@ -273,60 +304,38 @@ class ModMedAuth(httpx.Auth):
             stale = token["access_token"]
             log.info("modmed: %s answered 401; renewing the token and retrying once", describe(request))
 
-    # the two thin drivers: like httpx's, plus the cache lock around TokenPhase steps
+    def _token_phase(self, stale: str | None, trigger: httpx.Request) -> Generator[AuthStep, Any, OAuth2Token]:
+        """:meth:`renew` under the cache's lock, each token answer read, each token request carrying the
+        client headers of ``trigger``."""
+        release = yield Lock(self.cache)
+        try:
+            renewal: TokenFlow = self.renew(stale)
+            answer: Any = None
+            while True:
+                try:
+                    token_request = renewal.send(answer)
+                except StopIteration as done:
+                    token: OAuth2Token = done.value
+                    return token
+                carry_client_settings(trigger, token_request)
+                answer = yield token_request
+                yield Read(answer)
+        finally:
+            release()
+
+    # the two drivers: httpx's loop, plus running the AuthIo steps on their face
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        flow = self.auth_flow(request)
-        sent: Any = None
-        try:
-            while True:
-                try:
-                    step = flow.send(sent)
-                except StopIteration:
-                    return
-                if isinstance(step, TokenPhase):
-                    with self.cache.thread_lock:
-                        sent = yield from _pump(step.open())
-                else:
-                    sent = yield step
-        finally:
-            flow.close()
+        with contextlib.closing(self.auth_flow(request)) as flow:
+            step = _advance(flow, None)
+            while step is not None:
+                step = _advance(flow, (yield step) if isinstance(step, httpx.Request) else step.run())
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        flow = self.auth_flow(request)
-        sent: Any = None
-        try:
-            while True:
-                try:
-                    step = flow.send(sent)
-                except StopIteration:
-                    return
-                if not isinstance(step, TokenPhase):
-                    sent = yield step
-                    continue
-                async with self.cache.async_lock():
-                    token_flow, answer = step.open(), None
-                    while True:
-                        try:
-                            token_request = token_flow.send(answer)  # type: ignore[arg-type]
-                        except StopIteration as done:
-                            sent = done.value
-                            break
-                        answer = yield token_request
-                        await answer.aread()
-        finally:
-            flow.close()
-
-
-def _pump(token_flow: TokenFlow) -> Generator[httpx.Request, httpx.Response, OAuth2Token]:
-    answer: Any = None
-    while True:
-        try:
-            token_request = token_flow.send(answer)
-        except StopIteration as done:
-            return done.value
-        answer = yield token_request
-        answer.read()
+        with contextlib.closing(self.auth_flow(request)) as flow:
+            step = _advance(flow, None)
+            while step is not None:
+                step = _advance(flow, (yield step) if isinstance(step, httpx.Request) else await step.arun())
 
 
 class PasswordGrantAuth(ModMedAuth):
@@ -431,7 +440,7 @@ class SmartBackendAuth(ModMedAuth):
             "GET", self.discovery_url, headers={"Accept": "application/json"},
             extensions={TOKEN_REQUEST: True, WHAT: "SMART discovery"},
         )
-        body = _json(response)
+        body = json_body(response)
         if response.status_code == 200 and isinstance(body, dict):
             self.cache.discovery = body
             return body

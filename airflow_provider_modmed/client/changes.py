@@ -8,10 +8,9 @@ a sensor's poke) and :func:`apoll_changes` (async: triggers and asset watchers).
   optional exclusive upper bound ``high_ms`` (a closed window, e.g. a data interval), and ``seen``: the
   ``id -> (versionId, lastUpdated)`` of every change already reported whose ``lastUpdated`` is at or
   after ``low_ms``. It is small JSON (it travels in trigger kwargs and state files).
-* The server is asked for a superset of the window (:class:`Strategy`): full-precision instants on the
-  certified track, whole UTC days on the proprietary track (``gt``/``le`` + ``yyyy-mm-dd`` only), or no
-  time filter at all where ModMed has no ``_lastUpdated`` (a scan). The client then filters exactly on
-  ``meta.lastUpdated`` and drops what ``seen`` already holds: a change is a new ``(id, versionId)``.
+* The server is asked for a superset of the window and the client keeps exactly what lies inside, de-duplicated
+  by id + version: both are :mod:`~airflow_provider_modmed.client.window` (full-precision instants on the
+  certified track, whole UTC days on the proprietary track, or a scan where ModMed has no ``_lastUpdated``).
 * An open cursor advances to ``max(lastUpdated observed) - lookback`` (never past the client's clock
   minus ``lookback``): everything in the look-back overlap is read again and de-duplicated, so a write
   that lands late, in the same millisecond, at the boundary or behind a skewed clock is still caught.
@@ -26,30 +25,47 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
-from enum import Enum
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-
-import httpx
 
 from airflow_provider_modmed.capabilities import Interaction, Track
 from airflow_provider_modmed.client._flows import (
-    ACCEPT_FHIR,
     Emit,
     FhirContext,
     Flow,
-    expect,
-    next_page_request,
-    resource_url,
+    SearchParams,
+    page_size,
+    pages,
+    search_pairs,
+    search_request,
 )
-from airflow_provider_modmed.client.retry import WHAT
+from airflow_provider_modmed.client.drivers import Step
+from airflow_provider_modmed.client.instants import duration_ms, format_instant, parse_bound_ms
+from airflow_provider_modmed.client.window import Change, Strategy, Tracker, Window, strategy_for
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
 
 if TYPE_CHECKING:
     from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
+
+__all__ = [
+    "DEFAULT_LOOKBACK_SECONDS",
+    "Change",
+    "ChangeQuery",
+    "Cursor",
+    "InconsistentPagingError",
+    "PollResult",
+    "Strategy",
+    "Tracker",
+    "advance",
+    "apoll_changes",
+    "changes_json",
+    "iter_rows",
+    "paging_consistent",
+    "poll",
+    "poll_changes",
+]
 
 #: default look-back: covers server clock skew and commit latency (seconds)
 DEFAULT_LOOKBACK_SECONDS = 120.0
@@ -61,140 +77,12 @@ EXACT_PAGING_HEADER = {"Content-flag": "Pagination_optimization_disabled"}
 #: parameters the poll owns; callers may not pass them
 RESERVED_PARAMS = frozenset({"_lastUpdated", "_count", "page", "_getpagesoffset", "_sort"})
 
-_DAY_MS = 86_400_000
-
-
-class Strategy(str, Enum):
-    """How a poll asks the server for the window (the client always filters exactly afterwards)."""
-
-    #: ``_lastUpdated=ge<instant>[&lt<instant>]``, millisecond precision (certified track)
-    INSTANT = "instant"
-    #: ``_lastUpdated=gt<day before>[&le<last day>]`` or ``eq<day>``: whole UTC days (proprietary track)
-    DAY = "day"
-    #: no ``_lastUpdated`` (ModMed refuses it for this type): every poll reads the whole result set
-    SCAN = "scan"
-
-    def __str__(self) -> str:
-        return self.value
-
 
 class InconsistentPagingError(ModMedError):
     """A closed window's result set kept changing while it was paged; retry the poll later."""
 
 
-# -- time ------------------------------------------------------------------------------------------
-
-_INSTANT_RE = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?\s*(Z|z|[+-]\d{2}:?\d{2})?$")
-
-
-def parse_instant_ms(value: str | int | float | datetime | date) -> int:
-    """A FHIR instant (any offset, any number of fraction digits), a date, a datetime or epoch ms -> epoch ms.
-
-    Sub-millisecond digits are truncated (floored), which keeps inclusive lower bounds exact. A value
-    without an offset is taken as UTC.
-    """
-    if isinstance(value, bool):
-        raise ConfigurationError(f"not an instant: {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, datetime):
-        dt = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-        return _floor_ms(dt)
-    if isinstance(value, date):
-        return int(datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()) * 1000
-    if not isinstance(value, str):
-        raise ConfigurationError(f"not an instant: {type(value).__name__}")
-    match = _INSTANT_RE.match(value.strip())
-    if not match:
-        raise ConfigurationError(f"not a FHIR instant: {value[:40]!r}")
-    day, hh, mm, ss, frac, tz = match.groups()
-    micros = int(((frac or "") + "000000")[:6])
-    text = f"{day}T{hh or '00'}:{mm or '00'}:{ss or '00'}.{micros:06d}"
-    if tz and tz not in ("Z", "z"):
-        text += tz if ":" in tz else f"{tz[:3]}:{tz[3:]}"
-    else:
-        text += "+00:00"
-    try:
-        return _floor_ms(datetime.fromisoformat(text))
-    except ValueError:
-        raise ConfigurationError(f"not a FHIR instant: {value[:40]!r}") from None
-
-
-def _floor_ms(dt: datetime) -> int:
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-
-
-def format_instant(ms: int) -> str:
-    """Epoch ms -> FHIR instant with millisecond precision in UTC (``2026-05-04T10:11:12.345Z``)."""
-    dt = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ms)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-def utc_day(ms: int) -> date:
-    """The UTC calendar day an epoch-ms instant falls on."""
-    return date(1970, 1, 1) + timedelta(days=ms // _DAY_MS)
-
-
-def to_ms(value: timedelta | float | int) -> int:
-    """A duration (timedelta or seconds) -> milliseconds."""
-    if isinstance(value, timedelta):
-        return int(value.total_seconds() * 1000)
-    return int(float(value) * 1000)
-
-
-# -- values ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Change:
-    """One observed version of one resource: what change detection reports (never the resource)."""
-
-    id: str
-    version_id: str
-    last_updated_ms: int
-
-    @property
-    def last_updated(self) -> str:
-        return format_instant(self.last_updated_ms)
-
-    def to_json(self) -> dict[str, str]:
-        return {"id": self.id, "versionId": self.version_id, "lastUpdated": self.last_updated}
-
-    def to_row(self) -> list[Any]:
-        """Compact form for streams: ``[id, versionId, lastUpdated_ms]``."""
-        return [self.id, self.version_id, self.last_updated_ms]
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Change:
-        return cls(str(row[0]), str(row[1]), int(row[2]))
-
-    @classmethod
-    def of(cls, resource: Mapping[str, Any]) -> Change:
-        """The change a resource represents; raises :class:`ModMedError` without id or ``meta.lastUpdated``."""
-        rid = resource.get("id")
-        raw_meta = resource.get("meta")
-        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
-        rtype = resource.get("resourceType", "resource")
-        if not isinstance(rid, str) or not rid:
-            raise ModMedError(f"a {rtype} in the search result has no id: change detection cannot track it")
-        lu = meta.get("lastUpdated")
-        if not isinstance(lu, str):
-            raise ModMedError(f"{rtype}/{rid} has no meta.lastUpdated: change detection cannot place it in time")
-        lu_ms = parse_instant_ms(lu)
-        version = meta.get("versionId")
-        return cls(rid, str(version) if version not in (None, "") else f"@{lu_ms}", lu_ms)
-
-
-def is_newer(change: Change, seen: tuple[str, int]) -> bool:
-    """Whether ``change`` is a version not yet reported, given the ``(versionId, lastUpdated)`` seen."""
-    version, lu = seen
-    if change.version_id == version:
-        return False
-    if change.version_id.isdigit() and version.isdigit():
-        return int(change.version_id) > int(version)  # a stale replica's older version is not news
-    return change.last_updated_ms >= lu
-
+# -- values ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Cursor:
@@ -212,9 +100,10 @@ class Cursor:
                 f"empty window: {format_instant(self.low_ms)} is not before {format_instant(self.high_ms)}")
 
     @classmethod
-    def since(cls, start: str | int | datetime, until: str | int | datetime | None = None) -> Cursor:
-        """Everything changed at or after ``start`` (and before ``until`` for a closed window)."""
-        return cls(parse_instant_ms(start), None if until is None else parse_instant_ms(until))
+    def since(cls, start: str | int | datetime | date, until: str | int | datetime | date | None = None) -> Cursor:
+        """Everything changed at or after ``start`` (and before ``until`` for a closed window); the bounds
+        are user-given (lenient: :func:`~.instants.parse_bound_ms`)."""
+        return cls(parse_bound_ms(start, "since"), None if until is None else parse_bound_ms(until, "until"))
 
     @classmethod
     def fresh(cls, now_ms: int, lookback_ms: int) -> Cursor:
@@ -224,6 +113,33 @@ class Cursor:
     @property
     def is_window(self) -> bool:
         return self.high_ms is not None
+
+    @property
+    def window(self) -> Window:
+        """The ``[low_ms, high_ms)`` window this cursor covers."""
+        return Window(self.low_ms, self.high_ms)
+
+    def tracker(self) -> Tracker:
+        """A tracker over this cursor's window that knows what it has seen (a baseline reports nothing)."""
+        return Tracker(self.window, self.seen, report=not self.baseline)
+
+    def after(self, tracker: Tracker, lookback_ms: int, *, now_ms: int | None = None, consistent: bool = True,
+              at_least_ms: int | None = None) -> Cursor:
+        """The cursor once ``tracker`` (from :meth:`tracker`) has seen a poll.
+
+        An open cursor moves its lower bound up only after a consistent poll: to ``lookback_ms`` before the
+        latest ``lastUpdated`` seen, capped by the client's clock ``now_ms`` (a record stamped far in the
+        future by a wrong server clock cannot push it past writes still to come), or to ``at_least_ms``
+        when the caller knows everything before it has been read.
+        """
+        low = self.low_ms
+        if consistent and self.high_ms is None:
+            if tracker.max_lu is not None:
+                top = tracker.max_lu if now_ms is None else min(tracker.max_lu, now_ms)
+                low = max(low, top - lookback_ms)
+            if at_least_ms is not None:
+                low = max(low, at_least_ms)
+        return advance(Cursor(self.low_ms, self.high_ms, tracker.seen), low)
 
     @property
     def watermark_ms(self) -> int:
@@ -280,104 +196,21 @@ class ChangeQuery:
                                      "remove them from the parameters")
 
     @classmethod
-    def build(cls, resource_type: str, params: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+    def build(cls, resource_type: str, params: SearchParams = None,
               *, lookback: timedelta | float = DEFAULT_LOOKBACK_SECONDS, page_size: int | None = None,
               strategy: Strategy | str | None = None, exact_paging: bool = True) -> ChangeQuery:
         """Build from friendly values: params as a mapping (list values repeat) and lookback in seconds."""
-        return cls(resource_type, normalize_params(params), to_ms(lookback), page_size,
+        return cls(resource_type, tuple(sorted(search_pairs(params))), duration_ms(lookback), page_size,
                    Strategy(strategy) if strategy else None, exact_paging)
 
     def strategy_on(self, ctx: FhirContext) -> Strategy:
-        if self.strategy is not None:
-            return self.strategy
-        if ctx.track is Track.CERTIFIED:
-            return Strategy.INSTANT
-        if ctx.capabilities.supports_last_updated(ctx.track, self.resource_type):
-            return Strategy.DAY
-        return Strategy.SCAN
+        """The forced strategy, or the one the track and capability matrix give (refused where impossible)."""
+        return strategy_for(ctx.track, ctx.capabilities, self.resource_type, self.strategy)
 
     def key(self) -> str:
         """A short stable digest of type + params (names state files and shared streams)."""
         raw = json.dumps([self.resource_type, sorted(self.params)], separators=(",", ":"))
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
-
-
-def normalize_params(params: Mapping[str, Any] | Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, str], ...]:
-    """Search parameters as a sorted tuple of string pairs (list values become repeated pairs)."""
-    items = params.items() if isinstance(params, Mapping) else (params or ())
-    pairs: list[tuple[str, str]] = []
-    for key, value in items:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        pairs.extend((str(key), str(v)) for v in values if v is not None)
-    return tuple(sorted(pairs))
-
-
-def last_updated_params(strategy: Strategy, cursor: Cursor) -> list[tuple[str, str]]:
-    """The ``_lastUpdated`` search parameters that ask the server for (a superset of) the cursor's window."""
-    if strategy is Strategy.SCAN:
-        return []
-    if strategy is Strategy.INSTANT:
-        out = [("_lastUpdated", f"ge{format_instant(cursor.low_ms)}")]
-        if cursor.high_ms is not None:
-            out.append(("_lastUpdated", f"lt{format_instant(cursor.high_ms)}"))
-        return out
-    first = utc_day(cursor.low_ms)
-    if cursor.high_ms is None:
-        return [("_lastUpdated", f"gt{(first - timedelta(days=1)).isoformat()}")]
-    last = utc_day(cursor.high_ms - 1)
-    if last == first:
-        return [("_lastUpdated", f"eq{first.isoformat()}")]
-    return [("_lastUpdated", f"gt{(first - timedelta(days=1)).isoformat()}"), ("_lastUpdated", f"le{last.isoformat()}")]
-
-
-# -- the de-duplicating tracker (shared by polls and shared-stream subscribers) -----------------------
-
-class Tracker:
-    """Applies observed changes to a cursor: exact window filter, de-duplication, then the next cursor.
-
-    :param now_ms: the client's clock; an open cursor never advances past ``now_ms - lookback`` (a
-        record stamped far in the future by a wrong server clock cannot push the watermark past writes
-        still to come). ``None``: no such cap.
-    """
-
-    def __init__(self, cursor: Cursor, lookback_ms: int, now_ms: int | None = None) -> None:
-        self.cursor = cursor
-        self.lookback_ms = lookback_ms
-        self.now_ms = now_ms
-        self.seen: dict[str, tuple[str, int]] = dict(cursor.seen)
-        self.new: list[Change] = []
-        self.max_lu: int | None = max((lu for _, lu in cursor.seen.values()), default=None)
-
-    def in_window(self, lu_ms: int) -> bool:
-        return lu_ms >= self.cursor.low_ms and (self.cursor.high_ms is None or lu_ms < self.cursor.high_ms)
-
-    def offer(self, change: Change) -> bool:
-        """Record ``change``; True when it is news to report."""
-        if not self.in_window(change.last_updated_ms):
-            return False
-        prev = self.seen.get(change.id)
-        if prev is not None and not is_newer(change, prev):
-            return False
-        self.seen[change.id] = (change.version_id, change.last_updated_ms)
-        if self.max_lu is None or change.last_updated_ms > self.max_lu:
-            self.max_lu = change.last_updated_ms
-        if self.cursor.baseline:
-            return False
-        self.new.append(change)
-        return True
-
-    def next_cursor(self, consistent: bool = True, at_least_ms: int | None = None) -> Cursor:
-        """The cursor after this poll. An open cursor moves its lower bound up only after a consistent
-        poll: to ``lookback`` before the latest ``lastUpdated`` seen (capped by the client's clock), or to
-        ``at_least_ms`` when the caller knows everything before it has been read."""
-        low = self.cursor.low_ms
-        if consistent and self.cursor.high_ms is None:
-            if self.max_lu is not None:
-                top = self.max_lu if self.now_ms is None else min(self.max_lu, self.now_ms)
-                low = max(low, top - self.lookback_ms)
-            if at_least_ms is not None:
-                low = max(low, at_least_ms)
-        return advance(Cursor(self.cursor.low_ms, self.cursor.high_ms, self.seen), low)
 
 
 def advance(cursor: Cursor, low_ms: int) -> Cursor:
@@ -425,70 +258,48 @@ def poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, *, now_ms: int | 
     Arguments and the capability matrix are checked now, before any request exists.
     """
     ctx.capabilities.check(ctx.track, query.resource_type, Interaction.SEARCH)
-    spec = ctx.capabilities.spec(query.resource_type)
-    if ctx.track is Track.PROPRIETARY and spec is not None:
-        missing = [p for p in spec.required_search_params if not any(k.split(":")[0] == p for k, _ in query.params)]
-        if missing:
-            raise ConfigurationError(f"ModMed requires search parameter(s) {', '.join(missing)} on "
-                                     f"{query.resource_type}")
+    ctx.capabilities.require_search_params(ctx.track, query.resource_type, (k for k, _ in query.params))
     strategy = query.strategy_on(ctx)
-    if strategy is not Strategy.SCAN and ctx.track is Track.PROPRIETARY \
-            and not ctx.capabilities.supports_last_updated(ctx.track, query.resource_type):
-        raise ConfigurationError(f"ModMed has no _lastUpdated on {query.resource_type} (proprietary track): "
-                                 "use the scan strategy")
-    maximum = ctx.capabilities.max_count(ctx.track, query.resource_type)
-    page_size = min(query.page_size, maximum) if query.page_size else maximum
-    pairs = [*query.params, *last_updated_params(strategy, cursor), ("_count", str(page_size))]
+    pairs = [*query.params, *cursor.window.query(strategy),
+             ("_count", str(page_size(ctx, query.resource_type, query.page_size)))]
     exact = ctx.track is Track.PROPRIETARY and query.exact_paging
     headers = dict(EXACT_PAGING_HEADER) if exact else {}
     # true totals: the certified track reports them; the proprietary one only with the header
     totals_are_true = exact or ctx.track is Track.CERTIFIED
-    what = f"poll {query.resource_type} changes"
-    url = httpx.URL(resource_url(ctx, query.resource_type), params=pairs)
-    return _poll(ctx, query, cursor, strategy, url, headers, what, totals_are_true, now_ms, keep_observed,
+    return _poll(ctx, query, cursor, strategy, pairs, headers, totals_are_true, now_ms, keep_observed,
                  max_restarts)
 
 
-def _poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, strategy: Strategy, url: httpx.URL,
-          headers: Mapping[str, str], what: str, totals_are_true: bool, now_ms: int | None,
+def _poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, strategy: Strategy, pairs: list[tuple[str, str]],
+          headers: Mapping[str, str], totals_are_true: bool, now_ms: int | None,
           keep_observed: bool, max_restarts: int) -> Flow[PollResult]:
-    tracker = Tracker(cursor, query.lookback_ms, now_ms)
+    what = f"poll {query.resource_type} changes"
+    tracker = cursor.tracker()
     observed: dict[tuple[str, str], Change] = {}
-    calls = pages = scanned = restarts = 0
+    totals: list[int] = []
+    ids: set[str] = set()
+    scanned = 0
+
+    def on_page(bundle: dict[str, Any], resources: list[dict[str, Any]]) -> Iterator[Step]:
+        nonlocal scanned
+        total = bundle.get("total")
+        if totals_are_true and isinstance(total, int) and not isinstance(total, bool):
+            totals.append(total)
+        for resource in resources:
+            change = Change.of(resource)
+            scanned += 1
+            ids.add(change.id)
+            if keep_observed and tracker.in_window(change.last_updated_ms):
+                observed[(change.id, change.version_id)] = change
+            if tracker.offer(change):
+                yield Emit(resource)
+
+    calls = restarts = 0
     while True:
-        request = httpx.Request("GET", url, headers={**ACCEPT_FHIR, **headers}, extensions={WHAT: what})
-        visited: set[str] = set()
-        totals: list[int] = []
-        ids: set[str] = set()
-        while True:
-            visited.add(str(request.url))
-            response = yield request
-            calls += 1
-            bundle = expect(response, (200,), what)
-            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                raise ModMedError(f"{what} answered no Bundle", status_code=response.status_code)
-            pages += 1
-            total = bundle.get("total")
-            if totals_are_true and isinstance(total, int) and not isinstance(total, bool):
-                totals.append(total)
-            entries = [e for e in bundle.get("entry") or () if isinstance(e, Mapping)
-                       and isinstance(e.get("resource"), dict) and (e.get("search") or {}).get("mode") != "outcome"]
-            for entry in entries:
-                resource = entry["resource"]
-                change = Change.of(resource)
-                scanned += 1
-                ids.add(change.id)
-                if keep_observed and tracker.in_window(change.last_updated_ms):
-                    observed[(change.id, change.version_id)] = change
-                if tracker.offer(change):
-                    yield Emit(resource)
-            if not entries:
-                break
-            following = next_page_request(bundle, ctx.base, headers)
-            if following is None or str(following.url) in visited:
-                break
-            following.extensions[WHAT] = what
-            request = following
+        totals.clear()
+        ids.clear()
+        request = search_request(ctx, query.resource_type, pairs, what, headers)
+        calls += yield from pages(ctx, request, what, on_page, headers)
         consistent = paging_consistent(totals, len(ids))
         if consistent or cursor.high_ms is None or restarts >= max_restarts:
             break
@@ -497,8 +308,9 @@ def _poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, strategy: Strate
         raise InconsistentPagingError(
             f"{what}: the result set kept changing while it was paged ({restarts + 1} attempts); retry later")
     changes = tuple(sorted(tracker.new, key=lambda c: (c.last_updated_ms, c.id)))
-    return PollResult(changes, tracker.next_cursor(consistent), strategy, calls, pages, scanned, consistent,
-                      restarts, cursor.low_ms, tuple(observed.values()))
+    next_cursor = cursor.after(tracker, query.lookback_ms, now_ms=now_ms, consistent=consistent)
+    return PollResult(changes, next_cursor, strategy, calls, calls, scanned, consistent, restarts, cursor.low_ms,
+                      tuple(observed.values()))
 
 
 def paging_consistent(totals: Sequence[int], distinct_ids: int) -> bool:

@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 
+from airflow_provider_modmed import profile
 from airflow_provider_modmed.capabilities import DEFAULT, Capabilities, Track
-from airflow_provider_modmed.errors import ConfigurationError
+from airflow_provider_modmed.errors import ConfigurationError, ModMedError
 
 #: where each ClientConfig field lives in an Airflow connection (for error messages)
 _WHERE: dict[str, str] = {
@@ -40,8 +41,6 @@ _WHERE: dict[str, str] = {
     "max_retries": 'argument "max_retries"',
 }
 
-_PROPRIETARY_FHIR_SUFFIX = "/ema/fhir/v2"
-_PROPRIETARY_GRANT_SUFFIX = "/ema/ws/oauth2/grant"
 JWT_ALGORITHMS = ("RS384", "ES384")
 
 
@@ -64,10 +63,6 @@ def _where(name: str) -> str:
     return f"({_WHERE[name]})" if name in _WHERE else ""
 
 
-def _fail(message: str) -> ConfigurationError:
-    return ConfigurationError(message)
-
-
 def is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``)."""
     host = host.strip("[]").lower()
@@ -86,31 +81,40 @@ def origin(url: httpx.URL | str) -> tuple[str, str, int]:
     return u.scheme, u.host, port
 
 
+def is_secure(url: httpx.URL) -> bool:
+    """The one transport rule: ``https://``, or plain ``http://`` to a loopback host (the sandbox)."""
+    return url.scheme == "https" or (url.scheme == "http" and is_loopback(url.host))
+
+
+def secure_url(url: str, refusing: str, rule: str) -> httpx.URL:
+    """A URL a server handed us (bulk file, presigned upload), parsed, if :func:`is_secure`; else
+    :class:`ModMedError`: ``"refusing {refusing} over http:// to 'host': {rule} must be https:// (http://
+    only on loopback)"``. Patient data travels over these URLs."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        raise ModMedError(f"refusing {refusing}: {rule} is not a valid URL") from None
+    if is_secure(parsed):
+        return parsed
+    raise ModMedError(f"refusing {refusing} over {parsed.scheme or 'no scheme'}:// to {parsed.host!r}: {rule} "
+                      "must be https:// (http:// only on loopback)")
+
+
 def check_url(name: str, value: str) -> str:
-    """Validate an absolute http(s) URL; plain ``http://`` only for loopback hosts."""
+    """Validate a configured absolute http(s) URL (:func:`is_secure`), without query or fragment."""
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise _fail(f"{name} is not a valid URL {_where(name)}: {exc}") from None
+        raise ConfigurationError(f"{name} is not a valid URL {_where(name)}: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise _fail(f"{name} must be an absolute https:// URL {_where(name)}, got scheme "
+        raise ConfigurationError(f"{name} must be an absolute https:// URL {_where(name)}, got scheme "
                     f"{url.scheme or 'none'!r}")
-    if url.scheme == "http" and not is_loopback(url.host):
-        raise _fail(f"{name} uses plain http:// to {url.host!r} {_where(name)}: use https:// "
+    if not is_secure(url):
+        raise ConfigurationError(f"{name} uses plain http:// to {url.host!r} {_where(name)}: use https:// "
                     "(http:// is accepted only for loopback hosts such as the modmed-sandbox)")
     if url.query or url.fragment:
-        raise _fail(f"{name} must not carry a query or fragment {_where(name)}")
+        raise ConfigurationError(f"{name} must not carry a query or fragment {_where(name)}")
     return value.rstrip("/")
-
-
-def proprietary_fhir_base(env_base: str, firm: str) -> str:
-    """``{env_base}/{firm}/ema/fhir/v2``, e.g. for ``https://stage.ema-api.com/ema-dev/firm``."""
-    return f"{env_base.rstrip('/')}/{firm}{_PROPRIETARY_FHIR_SUFFIX}"
-
-
-def certified_fhir_base(firm: str) -> str:
-    """The certified (ONC) API's FHIR base for one practice."""
-    return f"https://{firm}.mmi.prod.fhir.ema-api.com/fhir/r4"
 
 
 def secret_digest(*parts: str | None) -> str:
@@ -155,38 +159,38 @@ class ClientConfig:
         try:
             track = Track(str(self.track).strip().lower())
         except ValueError:
-            raise _fail(f"track must be 'proprietary' or 'certified' {_where('track')}, "
-                        f"got {self.track!r}") from None
+            raise ConfigurationError(f"track must be 'proprietary' or 'certified' {_where('track')}, "
+                                     f"got {self.track!r}") from None
         try:
             method = AuthMethod(str(self.auth_method).strip().lower())
         except ValueError:
-            raise _fail(f"auth_method must be one of {', '.join(m.value for m in AuthMethod)} "
-                        f"{_where('auth_method')}, got {self.auth_method!r}") from None
+            raise ConfigurationError(f"auth_method must be one of {', '.join(m.value for m in AuthMethod)} "
+                                     f"{_where('auth_method')}, got {self.auth_method!r}") from None
         object.__setattr__(self, "track", track)
         object.__setattr__(self, "auth_method", method)
         if not self.fhir_base:
-            raise _fail(f"fhir_base is required {_where('fhir_base')}")
+            raise ConfigurationError(f"fhir_base is required {_where('fhir_base')}")
         object.__setattr__(self, "fhir_base", check_url("fhir_base", self.fhir_base))
         if self.token_url:
             object.__setattr__(self, "token_url", check_url("token_url", self.token_url))
         self._check_auth(track, method)
         if not isinstance(self.rate_limit_per_minute, int) or self.rate_limit_per_minute < 1:
-            raise _fail(f"rate_limit_per_minute must be a positive integer "
-                        f"{_where('rate_limit_per_minute')}, got {self.rate_limit_per_minute!r}")
+            raise ConfigurationError(f"rate_limit_per_minute must be a positive integer "
+                                     f"{_where('rate_limit_per_minute')}, got {self.rate_limit_per_minute!r}")
         if "://" not in (self.rate_limit_storage_uri or ""):
-            raise _fail("rate_limit_storage_uri must be a `limits` storage URI such as memory:// or "
-                        f"redis://host:6379/0 {_where('rate_limit_storage_uri')}")
+            raise ConfigurationError("rate_limit_storage_uri must be a `limits` storage URI such as memory:// or "
+                                     f"redis://host:6379/0 {_where('rate_limit_storage_uri')}")
         if not self.timeout or self.timeout <= 0:
-            raise _fail(f"timeout must be a positive number of seconds {_where('timeout')}")
+            raise ConfigurationError(f"timeout must be a positive number of seconds {_where('timeout')}")
         if self.max_retries < 0:
-            raise _fail(f"max_retries must be >= 0 {_where('max_retries')}")
+            raise ConfigurationError(f"max_retries must be >= 0 {_where('max_retries')}")
         if isinstance(self.verify, str) and not os.path.exists(self.verify):
-            raise _fail(f"verify names a CA bundle that does not exist: {self.verify!r} (a file or "
-                        "directory of CA certificates, or true/false)")
+            raise ConfigurationError(f"verify names a CA bundle that does not exist: {self.verify!r} (a file or "
+                                     "directory of CA certificates, or true/false)")
 
     def _require(self, name: str, why: str) -> None:
         if not getattr(self, name):
-            raise _fail(f"{name} is required {why} {_where(name)}")
+            raise ConfigurationError(f"{name} is required {why} {_where(name)}")
 
     def _check_auth(self, track: Track, method: AuthMethod) -> None:
         if track is Track.PROPRIETARY:
@@ -194,23 +198,23 @@ class ClientConfig:
             if method is AuthMethod.PASSWORD:
                 self._require("username", "for auth_method='password'")
                 self._require("password", "for auth_method='password'")
-                if not self.token_url and not self.fhir_base.endswith(_PROPRIETARY_FHIR_SUFFIX):
-                    raise _fail(f"token_url is required for auth_method='password' when fhir_base does "
-                                f"not end with {_PROPRIETARY_FHIR_SUFFIX} {_where('token_url')}")
+                if not self.token_url and profile.grant_url_of(self.fhir_base) is None:
+                    raise ConfigurationError(
+                        f"token_url is required for auth_method='password' when fhir_base does not end "
+                        f"with {profile.PROPRIETARY_FHIR_SUFFIX} {_where('token_url')}")
             elif method is AuthMethod.CLIENT_SECRET:
                 self._require("client_id", "for auth_method='client_secret'")
                 self._require("client_secret", "for auth_method='client_secret'")
                 self._require("token_url", "for auth_method='client_secret' on track='proprietary': the "
-                              "Keycloak realm token URL, e.g. "
-                              ".../auth/realms/ema-fhir/protocol/openid-connect/token")
+                              f"Keycloak realm token URL, e.g. ...{profile.KEYCLOAK_TOKEN_PATH}")
             else:
-                raise _fail("auth_method='private_key_jwt' is for track='certified' (SMART backend "
-                            "services); the proprietary track uses 'password' or 'client_secret' "
-                            f"{_where('auth_method')}")
+                raise ConfigurationError("auth_method='private_key_jwt' is for track='certified' (SMART backend "
+                                         "services); the proprietary track uses 'password' or 'client_secret' "
+                                         f"{_where('auth_method')}")
             return
         if method is AuthMethod.PASSWORD:
-            raise _fail("auth_method='password' is for track='proprietary'; the certified track uses "
-                        f"'private_key_jwt' or 'client_secret' {_where('auth_method')}")
+            raise ConfigurationError("auth_method='password' is for track='proprietary'; the certified track uses "
+                                     f"'private_key_jwt' or 'client_secret' {_where('auth_method')}")
         self._require("client_id", f"for auth_method={method.value!r}")
         if method is AuthMethod.CLIENT_SECRET:
             self._require("client_secret", "for auth_method='client_secret'")
@@ -218,8 +222,8 @@ class ClientConfig:
         self._require("private_key", "for auth_method='private_key_jwt' (PEM, RSA or EC P-384)")
         self._require("key_id", "for auth_method='private_key_jwt' (the kid registered in your JWKS)")
         if self.jwt_algorithm not in JWT_ALGORITHMS:
-            raise _fail(f"jwt_algorithm must be RS384 or ES384 {_where('jwt_algorithm')}, "
-                        f"got {self.jwt_algorithm!r}")
+            raise ConfigurationError(f"jwt_algorithm must be RS384 or ES384 {_where('jwt_algorithm')}, "
+                                     f"got {self.jwt_algorithm!r}")
         load_signing_key(self.private_key or "", self.jwt_algorithm)
 
     # -- derived values ---------------------------------------------------------------------------
@@ -237,9 +241,10 @@ class ClientConfig:
     @property
     def password_grant_url(self) -> str:
         """The proprietary password-grant URL: ``token_url`` or derived from ``fhir_base``."""
-        if self.token_url:
-            return self.token_url
-        return self.fhir_base[: -len(_PROPRIETARY_FHIR_SUFFIX)] + _PROPRIETARY_GRANT_SUFFIX
+        grant = self.token_url or profile.grant_url_of(self.fhir_base)
+        if grant is None:
+            raise ConfigurationError(f"no password grant URL: set token_url {_where('token_url')}")
+        return grant
 
     @property
     def budget_key(self) -> str:
@@ -265,15 +270,15 @@ def load_signing_key(pem: str, algorithm: str) -> Any:
         if algorithm == "ES384":
             key: Any = ECKey.import_key(pem)
             if key.curve_name != "P-384":
-                raise _fail(f"private_key is an EC {key.curve_name} key but ES384 needs P-384 {where}")
+                raise ConfigurationError(f"private_key is an EC {key.curve_name} key but ES384 needs P-384 {where}")
         else:
             key = RSAKey.import_key(pem)
     except ConfigurationError:
         raise
     except (JoseError, ValueError, TypeError) as exc:
         kind = "an EC P-384" if algorithm == "ES384" else "an RSA"
-        raise _fail(f"private_key is not {kind} private key in PEM form for jwt_algorithm={algorithm!r} "
-                    f"{where} ({type(exc).__name__})") from None
+        raise ConfigurationError(f"private_key is not {kind} private key in PEM form for jwt_algorithm={algorithm!r} "
+                                 f"{where} ({type(exc).__name__})") from None
     if not key.is_private:
-        raise _fail(f"private_key holds a public key; a private key is needed {where}")
+        raise ConfigurationError(f"private_key holds a public key; a private key is needed {where}")
     return key

@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,22 +38,22 @@ import httpx
 from airflow_provider_modmed.capabilities import Interaction
 from airflow_provider_modmed.client._flows import (
     FHIR_JSON,
-    Emit,
     FhirContext,
-    Flow,
     _check,
     _request,
-    create,
     expect_resource,
     resource_url,
     search,
     validate_id,
 )
 from airflow_provider_modmed.client.auth import NO_CREDENTIALS
-from airflow_provider_modmed.client.config import is_loopback
+from airflow_provider_modmed.client.config import secure_url
+from airflow_provider_modmed.client.drivers import Flow
 from airflow_provider_modmed.client.retry import SAFE_TO_RETRY, WHAT
 from airflow_provider_modmed.client.validation import validate_resource
+from airflow_provider_modmed.client.writes import create, first
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
+from airflow_provider_modmed.profile import DOCUMENT_CATEGORY_SYSTEM, PRESIGNED_URL_EXTENSION
 
 if TYPE_CHECKING:
     from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
@@ -76,12 +77,9 @@ __all__ = [
 
 log = logging.getLogger("airflow_provider_modmed.client")
 
-#: the Binary extension that carries the presigned upload URL
-PRESIGNED_URL_EXTENSION = "https://www.modmed.com/fhir/StructureDefinition/presigned-url"
-#: the id of the firm's document-category ValueSet
+#: the id of the firm's document-category ValueSet (its codes are in ``profile.DOCUMENT_CATEGORY_SYSTEM``,
+#: used when a coding names no system; the presigned URL comes in ``profile.PRESIGNED_URL_EXTENSION``)
 DOCUMENT_CATEGORY_VALUE_SET = "document-category"
-#: the code system of ModMed's document categories (used when a coding names no system)
-DOCUMENT_CATEGORY_SYSTEM = "https://www.modmed.com/fhir/document-category"
 #: ModMed's identifier system for the uploaded file's name
 FILENAME_SYSTEM = "filename"
 #: this provider's identifier system for an upload's idempotency key
@@ -224,17 +222,6 @@ def presigned_url(binary: Mapping[str, Any]) -> str:
                       f"(extension {PRESIGNED_URL_EXTENSION})")
 
 
-def _check_storage_url(url: str) -> httpx.URL:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        raise ModMedError("the presigned upload URL is not a valid URL") from None
-    if parsed.scheme == "https" or (parsed.scheme == "http" and is_loopback(parsed.host)):
-        return parsed
-    raise ModMedError(f"refusing to upload over {parsed.scheme or 'no scheme'}:// to {parsed.host!r}: "
-                      "a presigned URL must be https:// (http:// only on loopback)")
-
-
 def _storage_error(response: httpx.Response) -> tuple[str, bool]:
     """(S3 error code or '', whether the answer says the URL expired)."""
     text = response.text[:2000] if response.content else ""
@@ -246,22 +233,6 @@ def _storage_error(response: httpx.Response) -> tuple[str, bool]:
 
 
 # -- the flow --------------------------------------------------------------------------------------
-
-def _first(sub: Flow[Any]) -> Flow[dict[str, Any] | None]:
-    """Run a search sub-flow until its first resource (passing its requests up); None if it has none."""
-    sent: Any = None
-    try:
-        while True:
-            try:
-                step = sub.send(sent)
-            except StopIteration:
-                return None
-            if isinstance(step, Emit):
-                return step.value
-            sent = yield step
-    finally:
-        sub.close()
-
 
 def upload(ctx: FhirContext, doc: DocumentUpload, *,
            max_url_attempts: int = MAX_URL_ATTEMPTS) -> Flow[UploadResult]:
@@ -275,7 +246,7 @@ def upload(ctx: FhirContext, doc: DocumentUpload, *,
     if doc.patient_id is not None:
         validate_id(doc.patient_id, "patient_id")
     if not doc.content_type:
-        doc = _replace(doc, content_type=guess_content_type(doc.filename))
+        doc = dataclasses.replace(doc, content_type=guess_content_type(doc.filename))
     if isinstance(doc.category, str):
         if not doc.category.strip():
             raise ConfigurationError("category is required: a code or display name from the firm's "
@@ -288,12 +259,6 @@ def upload(ctx: FhirContext, doc: DocumentUpload, *,
     if max_url_attempts < 1:
         raise ConfigurationError("max_url_attempts must be >= 1")
     return _upload(ctx, doc, max_url_attempts)
-
-
-def _replace(doc: DocumentUpload, **changes: Any) -> DocumentUpload:
-    import dataclasses
-
-    return dataclasses.replace(doc, **changes)
 
 
 def _upload(ctx: FhirContext, doc: DocumentUpload, max_url_attempts: int) -> Flow[UploadResult]:
@@ -316,7 +281,7 @@ def _upload(ctx: FhirContext, doc: DocumentUpload, max_url_attempts: int) -> Flo
                       "DocumentReference", what="the DocumentReference built for the upload")
     condition = {"identifier": f"{UPLOAD_KEY_SYSTEM}|{key}"}
     if doc.deduplicate:
-        existing = yield from _first(search(ctx, "DocumentReference", condition, count=1))
+        existing = yield from first(search(ctx, "DocumentReference", condition, count=1))
         if existing is not None:
             carries_key = any(i.get("system") == UPLOAD_KEY_SYSTEM and i.get("value") == key
                               for i in existing.get("identifier") or ())
@@ -339,7 +304,7 @@ def _upload(ctx: FhirContext, doc: DocumentUpload, max_url_attempts: int) -> Flo
                                   # an unused presigned slot costs nothing: resending is harmless
                                   extensions={SAFE_TO_RETRY: True})
         url = presigned_url(expect_resource(response, "create Binary", ok=(200, 201)))
-        _check_storage_url(url)
+        secure_url(url, "to upload", "a presigned URL")
         put = httpx.Request("PUT", url, content=bytes(doc.content),
                             headers={"Content-Type": doc.content_type},
                             extensions={NO_CREDENTIALS: True, WHAT: "upload document bytes"})

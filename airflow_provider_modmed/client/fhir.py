@@ -1,17 +1,23 @@
-"""FhirClient and AsyncFhirClient: thin faces over the flows in :mod:`._flows`.
+"""FhirClient and AsyncFhirClient: the two faces that run every flow (:mod:`.drivers`).
 
-Each method is one line: build a flow (validation and capability pre-flight happen here, before any
-network call) and drive it. The faces differ only in how they send (``httpx.Client`` vs
-``httpx.AsyncClient``, ``Retrying`` vs ``AsyncRetrying``, ``limits`` vs ``limits.aio``) and sleep.
+Each FHIR method is one line: build a flow (validation and capability pre-flight happen here, before any
+network call) and drive it. A face does the I/O of each step kind (:class:`~.drivers.Face`): ``send``
+(every request rebuilt through the face's ``httpx`` client, so its headers apply: ``User-Agent`` and
+``Accept-Encoding: gzip``), ``sleep``, ``fetch`` (stream a file into a sink) and ``parallel``. The faces
+differ only in how they do it (``httpx.Client`` vs ``httpx.AsyncClient``, ``Retrying`` vs
+``AsyncRetrying``, ``limits`` vs ``limits.aio``, threads vs an anyio task group).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -21,6 +27,7 @@ from tenacity import AsyncRetrying, Retrying
 
 from airflow_provider_modmed import __version__
 from airflow_provider_modmed.client import _flows as flows
+from airflow_provider_modmed.client import drivers, writes
 from airflow_provider_modmed.client.auth import (
     TOKEN_REQUEST,
     ModMedAuth,
@@ -30,7 +37,7 @@ from airflow_provider_modmed.client.auth import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.limiter import RateBudget
-from airflow_provider_modmed.client.retry import ATTEMPT, describe, retry_kwargs, tls_verify_failure
+from airflow_provider_modmed.client.retry import ATTEMPT, NO_RESEND, describe, retry_kwargs, tls_verify_failure
 from airflow_provider_modmed.errors import TransportError
 
 log = logging.getLogger("airflow_provider_modmed.client")
@@ -38,6 +45,10 @@ log = logging.getLogger("airflow_provider_modmed.client")
 T = TypeVar("T")
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
 USER_AGENT = f"airflow-provider-modmed/{__version__}"
+#: the headers of the faces' own httpx clients (every request, token requests included, carries them)
+CLIENT_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"}
+#: headers of a flow's request that the rebuilt request computes again
+_COMPUTED_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
 class RedactQueryFilter(logging.Filter):
@@ -66,6 +77,9 @@ def _transport_error(request: httpx.Request, exc: httpx.RequestError) -> Transpo
         return TransportError(f"{describe(request)}: the server's TLS certificate failed verification "
                               f"({tls.verify_message or tls.reason}); if the practice's server uses a private CA, "
                               "give the client its CA bundle (verify=<file>)")
+    if request.extensions.get(NO_RESEND):
+        return TransportError(f"{describe(request)} got no answer ({type(exc).__name__}); not resent: the server "
+                              "may have acted on it")
     return TransportError(f"{describe(request)} got no answer ({type(exc).__name__})")
 
 
@@ -98,7 +112,15 @@ class _Face:
             verify = (ssl.create_default_context(capath=verify) if os.path.isdir(verify)
                       else ssl.create_default_context(cafile=verify))
         return {"timeout": self.config.timeout, "verify": verify, "transport": transport,
-                "follow_redirects": False, "headers": {"User-Agent": USER_AGENT}}
+                "follow_redirects": False, "headers": CLIENT_HEADERS}
+
+    def _build(self, request: httpx.Request) -> httpx.Request:
+        """A flow's request rebuilt through the face's httpx client: its headers and timeout apply (the
+        flow's headers win); method, URL, body and extensions are kept."""
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _COMPUTED_HEADERS]
+        http: httpx.Client | httpx.AsyncClient = self.http  # type: ignore[attr-defined]
+        return http.build_request(request.method, request.url, headers=headers, content=request.content,
+                                  extensions=request.extensions)
 
 
 class FhirClient(_Face):
@@ -133,21 +155,60 @@ class FhirClient(_Face):
         return response
 
     def send(self, request: httpx.Request) -> httpx.Response:
-        """Send one request: rate budget, auth, retries. Answers of any status are returned."""
+        """Send one request through the httpx client: rate budget, auth, retries (a request marked
+        ``NO_RESEND`` is sent exactly once). Answers of any status are returned."""
+        built = self._build(request)
         try:
-            response: httpx.Response = Retrying(sleep=self._sleep, **self.retry_kwargs)(
-                self._send_once, request)
+            if built.extensions.get(NO_RESEND):
+                return self._send_once(built)
+            response: httpx.Response = Retrying(sleep=self._sleep, **self.retry_kwargs)(self._send_once, built)
         except httpx.RequestError as exc:
-            raise _transport_error(request, exc) from exc
+            raise _transport_error(built, exc) from exc
         return response
 
-    def run(self, flow: flows.Flow[T]) -> T:
-        """Drive any flow (see :mod:`._flows`) to its result."""
-        return flows.drive(flow, self.send, self._sleep)
+    def sleep(self, seconds: float) -> None:
+        self._sleep(seconds)
 
-    def iterate(self, flow: flows.Flow[Any]) -> Iterator[Any]:
+    def fetch(self, step: drivers.Fetch) -> drivers.Fetched:
+        """Stream one file into ``step.sink``: redirects followed, credentials per the auth's origin rule
+        on every hop, the body decoded (gzip) so the sink verifies and hashes what the file holds."""
+        with drivers.Download(step) as download:
+            response = self.http.send(self._build(step.request), auth=self.auth, stream=True, follow_redirects=True)
+            with contextlib.closing(response):
+                if download.accept(response):
+                    for chunk in response.iter_bytes():
+                        download.write(chunk)
+        return download.fetched
+
+    def parallel(self, step: drivers.Parallel) -> list[Exception]:
+        """Run ``step.flows`` in a pool of ``step.limit`` threads (sharing this client's connection pool),
+        taking the next flow as a thread frees; answers the exceptions they raised."""
+        failures: list[Exception] = []
+        pending = iter(step.flows)
+        with ThreadPoolExecutor(max_workers=step.limit, thread_name_prefix="modmed-flow") as pool:
+            running = {pool.submit(self.run, flow) for flow in itertools.islice(pending, step.limit)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    error = future.exception()
+                    if error is not None and not isinstance(error, Exception):
+                        for other in running:
+                            other.cancel()
+                        raise error  # KeyboardInterrupt, SystemExit: stop, do not swallow
+                    if error is not None:
+                        failures.append(error)
+                    following = next(pending, None)
+                    if following is not None:
+                        running.add(pool.submit(self.run, following))
+        return failures
+
+    def run(self, flow: drivers.Flow[T]) -> T:
+        """Drive any flow (see :mod:`.drivers`) to its result."""
+        return drivers.drive(flow, self)
+
+    def iterate(self, flow: drivers.Flow[Any]) -> Iterator[Any]:
         """Drive a flow that emits values, yielding them one at a time."""
-        return flows.iterate(flow, self.send, self._sleep)
+        return drivers.iterate(flow, self)
 
     # -- FHIR interactions: one line each --------------------------------------------------------
 
@@ -164,18 +225,27 @@ class FhirClient(_Face):
         """Iterate over every match, one resource at a time, following ``next`` links lazily."""
         return self.iterate(flows.search(self.context, resource_type, params, count, headers))
 
-    def create(self, resource: Mapping[str, Any],
-               if_none_exist: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Create (conditionally with ``if_none_exist``); returns the stored resource."""
-        return self.run(flows.create(self.context, resource, if_none_exist))
+    def create(self, resource: Mapping[str, Any], if_none_exist: writes.Condition | None = None, *,
+               transaction_id: str | None = None) -> dict[str, Any]:
+        """Create (conditionally with ``if_none_exist``; a ChargeItem with its ``transaction_id``); returns
+        the stored resource. See :func:`.writes.create`."""
+        return self.run(writes.create(self.context, resource, if_none_exist, transaction_id))
 
-    def update(self, resource: Mapping[str, Any], if_match: str | int | None = None) -> dict[str, Any]:
-        """Update ``resource`` (it carries its ``id``); ``if_match`` is its expected ``versionId``."""
-        return self.run(flows.update(self.context, resource, if_match))
+    def update(self, resource: Mapping[str, Any], if_match: str | int | None = None, *,
+               may_have_landed: bool = False) -> dict[str, Any]:
+        """Update ``resource`` (it carries its ``id``); ``if_match`` is its expected ``versionId``.
+        See :func:`.writes.update`."""
+        return self.run(writes.update(self.context, resource, if_match, may_have_landed=may_have_landed))
 
-    def delete(self, resource_type: str, resource_id: str) -> None:
-        """Delete one resource."""
-        return self.run(flows.delete(self.context, resource_type, resource_id))
+    def patch(self, resource_type: str, resource_id: str, patch: writes.Patch,
+              if_match: str | int | None = None, *, validate: bool = False) -> writes.PatchResult:
+        """Read, apply ``patch`` (merge patch or ``current -> new``), write with ``If-Match``.
+        See :func:`.writes.patch`."""
+        return self.run(writes.patch(self.context, resource_type, resource_id, patch, if_match, validate=validate))
+
+    def delete(self, resource_type: str, resource_id: str, *, missing_ok: bool = False) -> bool:
+        """Delete one resource; returns whether it was there. See :func:`.writes.delete`."""
+        return self.run(writes.delete(self.context, resource_type, resource_id, missing_ok))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -219,21 +289,57 @@ class AsyncFhirClient(_Face):
         return response
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send one request: rate budget, auth, retries. Answers of any status are returned."""
+        """:meth:`FhirClient.send`, awaited."""
+        built = self._build(request)
         try:
+            if built.extensions.get(NO_RESEND):
+                return await self._send_once(built)
             response: httpx.Response = await AsyncRetrying(sleep=self._asleep, **self.retry_kwargs)(
-                self._send_once, request)
+                self._send_once, built)
         except httpx.RequestError as exc:
-            raise _transport_error(request, exc) from exc
+            raise _transport_error(built, exc) from exc
         return response
 
-    async def run(self, flow: flows.Flow[T]) -> T:
-        """Drive any flow to its result."""
-        return await flows.adrive(flow, self.send, self._asleep)
+    async def sleep(self, seconds: float) -> None:
+        await self._asleep(seconds)
 
-    def iterate(self, flow: flows.Flow[Any]) -> AsyncIterator[Any]:
+    async def fetch(self, step: drivers.Fetch) -> drivers.Fetched:
+        """:meth:`FhirClient.fetch`, awaited (storage writes are blocking calls: fine on a worker)."""
+        with drivers.Download(step) as download:
+            response = await self.http.send(self._build(step.request), auth=self.auth, stream=True,
+                                            follow_redirects=True)
+            async with contextlib.aclosing(response):
+                if download.accept(response):
+                    async for chunk in response.aiter_bytes():
+                        download.write(chunk)
+        return download.fetched
+
+    async def parallel(self, step: drivers.Parallel) -> list[Exception]:
+        """Run ``step.flows`` as anyio tasks, ``step.limit`` at a time (each taken as a slot frees)."""
+        failures: list[Exception] = []
+        slots = anyio.Semaphore(step.limit)
+
+        async def one(flow: drivers.Flow[Any]) -> None:
+            try:
+                await self.run(flow)
+            except Exception as exc:
+                failures.append(exc)
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as group:
+            for flow in step.flows:
+                await slots.acquire()
+                group.start_soon(one, flow)
+        return failures
+
+    async def run(self, flow: drivers.Flow[T]) -> T:
+        """Drive any flow to its result."""
+        return await drivers.adrive(flow, self)
+
+    def iterate(self, flow: drivers.Flow[Any]) -> AsyncIterator[Any]:
         """Drive a flow that emits values, yielding them one at a time."""
-        return flows.aiterate(flow, self.send, self._asleep)
+        return drivers.aiterate(flow, self)
 
     async def metadata(self) -> dict[str, Any]:
         """The server's CapabilityStatement."""
@@ -248,19 +354,25 @@ class AsyncFhirClient(_Face):
         """``async for`` over every match; arguments are checked now, pages fetched lazily."""
         return self.iterate(flows.search(self.context, resource_type, params, count, headers))
 
-    async def create(self, resource: Mapping[str, Any],
-                     if_none_exist: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Create (conditionally with ``if_none_exist``); returns the stored resource."""
-        return await self.run(flows.create(self.context, resource, if_none_exist))
+    async def create(self, resource: Mapping[str, Any], if_none_exist: writes.Condition | None = None, *,
+                     transaction_id: str | None = None) -> dict[str, Any]:
+        """Create (conditionally with ``if_none_exist``; a ChargeItem with its ``transaction_id``)."""
+        return await self.run(writes.create(self.context, resource, if_none_exist, transaction_id))
 
-    async def update(self, resource: Mapping[str, Any],
-                     if_match: str | int | None = None) -> dict[str, Any]:
+    async def update(self, resource: Mapping[str, Any], if_match: str | int | None = None, *,
+                     may_have_landed: bool = False) -> dict[str, Any]:
         """Update ``resource``; ``if_match`` is its expected ``versionId``."""
-        return await self.run(flows.update(self.context, resource, if_match))
+        return await self.run(writes.update(self.context, resource, if_match, may_have_landed=may_have_landed))
 
-    async def delete(self, resource_type: str, resource_id: str) -> None:
-        """Delete one resource."""
-        return await self.run(flows.delete(self.context, resource_type, resource_id))
+    async def patch(self, resource_type: str, resource_id: str, patch: writes.Patch,
+                    if_match: str | int | None = None, *, validate: bool = False) -> writes.PatchResult:
+        """Read, apply ``patch``, write with ``If-Match`` on the version read."""
+        return await self.run(writes.patch(self.context, resource_type, resource_id, patch, if_match,
+                                           validate=validate))
+
+    async def delete(self, resource_type: str, resource_id: str, *, missing_ok: bool = False) -> bool:
+        """Delete one resource; returns whether it was there."""
+        return await self.run(writes.delete(self.context, resource_type, resource_id, missing_ok))
 
     async def aclose(self) -> None:
         if self._owns_http:

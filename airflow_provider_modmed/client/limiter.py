@@ -12,12 +12,14 @@ The budget is keyed by the firm plus a digest of the API key (never the key itse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from functools import partial
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerSecond, parse
@@ -66,6 +68,15 @@ def _unreachable(uri: str, exc: StorageError) -> TransportError:
     cause = exc.storage_error
     return TransportError(f"rate-limit storage {sync_storage_uri(uri).split('://', 1)[0]}:// is unreachable "
                           f'(extra field "rate_limit_storage_uri"): {type(cause).__name__}')
+
+
+@contextlib.contextmanager
+def _reachable(uri: str) -> Iterator[None]:
+    """Storage failures while acquiring surface as :class:`TransportError` naming the extra field."""
+    try:
+        yield
+    except StorageError as exc:
+        raise _unreachable(uri, exc) from exc
 
 
 def _build(uri: str, options: dict[str, Any]) -> Any:
@@ -136,38 +147,41 @@ class RateBudget:
     def _wait_for(self, reset_time: float) -> float:
         return min(max(reset_time - self._clock(), _MIN_WAIT), float(self.item.get_expiry()))
 
+    def _acquiring(self, limiter: Any, sleep: Callable[[float], Any]) -> Generator[Callable[[], Any], Any, float]:
+        """THE acquire loop, for both faces: yields the I/O to do (hit, window stats, sleep) as calls that
+        the sync face calls and the async face awaits; returns the seconds waited."""
+        waited = 0.0
+        while not (yield partial(limiter.hit, self.item, *self._ids)):
+            stats = yield partial(limiter.get_window_stats, self.item, *self._ids)
+            delay = self._wait_for(stats.reset_time)
+            if waited == 0.0:
+                log.info("modmed: rate budget %s spent; waiting %.2fs", self.item, delay)
+            yield partial(sleep, delay)
+            waited += delay
+        return waited
+
     def acquire(self) -> float:
         """Take one request from the budget, sleeping while it is spent. Returns the seconds waited."""
         if self._limiter is None:
             self._limiter = MovingWindowRateLimiter(_sync_storage(self.storage_uri))
-        waited = 0.0
-        try:
-            while not self._limiter.hit(self.item, *self._ids):
-                stats = self._limiter.get_window_stats(self.item, *self._ids)
-                delay = self._wait_for(stats.reset_time)
-                if waited == 0.0:
-                    log.info("modmed: rate budget %s spent; waiting %.2fs", self.item, delay)
-                self._sleep(delay)
-                waited += delay
-        except StorageError as exc:
-            raise _unreachable(self.storage_uri, exc) from exc
-        return waited
+        steps, out = self._acquiring(self._limiter, self._sleep), None
+        with _reachable(self.storage_uri):
+            while True:
+                try:
+                    out = steps.send(out)()
+                except StopIteration as done:
+                    return float(done.value)
 
     async def aacquire(self) -> float:
         """Async :meth:`acquire` (``limits.aio``): awaits while the budget is spent."""
         limiter = AsyncMovingWindowRateLimiter(_async_storage(self.storage_uri))
-        waited = 0.0
-        try:
-            while not await limiter.hit(self.item, *self._ids):
-                stats = await limiter.get_window_stats(self.item, *self._ids)
-                delay = self._wait_for(stats.reset_time)
-                if waited == 0.0:
-                    log.info("modmed: rate budget %s spent; waiting %.2fs", self.item, delay)
-                await self._asleep(delay)
-                waited += delay
-        except StorageError as exc:
-            raise _unreachable(self.storage_uri, exc) from exc
-        return waited
+        steps, out = self._acquiring(limiter, self._asleep), None
+        with _reachable(self.storage_uri):
+            while True:
+                try:
+                    out = await steps.send(out)()
+                except StopIteration as done:
+                    return float(done.value)
 
     def __repr__(self) -> str:
         return f"RateBudget({self.item}, storage={self.storage_uri.split('://', 1)[0]}://)"

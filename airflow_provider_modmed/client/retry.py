@@ -16,20 +16,14 @@ What is retried, and when:
 from __future__ import annotations
 
 import email.utils
-import inspect
 import logging
+import random
 import ssl
 import time
 from typing import Any
 
 import httpx
-from tenacity import (
-    RetryCallState,
-    retry_if_exception,
-    retry_if_result,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import RetryCallState, retry_if_exception, retry_if_result, stop_after_attempt
 
 from airflow_provider_modmed.errors import RateLimitedError, ServerError
 
@@ -47,10 +41,9 @@ TOKEN_REQUEST = "modmed.token_request"  # noqa: S105
 WHAT = "modmed.what"
 #: request extension set by the faces: how many times this request has been sent (1 on the first try)
 ATTEMPT = "modmed.attempt"
-
-#: tenacity 9.2 renamed wait_exponential_jitter's ``initial`` to ``multiplier`` (older: ``initial`` only)
-_FIRST_WAIT = ("multiplier" if "multiplier" in inspect.signature(wait_exponential_jitter.__init__).parameters
-               else "initial")
+#: request extension: send once; never resend automatically (e.g. the bulk kick-off: a 5xx or a timeout
+#: may mean the server acted on it)
+NO_RESEND = "modmed.no_resend"
 
 #: defaults: first backoff, largest backoff, largest honoured Retry-After (seconds)
 BACKOFF_INITIAL = 0.5
@@ -148,12 +141,30 @@ def retry_after_seconds(response: httpx.Response, cap: float = RETRY_AFTER_CAP,
     return min(max(seconds, 0.0), cap)
 
 
+def backoff(attempt: int, initial: float, maximum: float, *, factor: float = 2.0, floor: float = 0.0,
+            retry_after: float | None = None, retry_after_cap: float | None = None) -> float:
+    """The one backoff formula: the wait after failure number ``attempt`` (1 for the first).
+
+    The server's ``retry_after`` when it gave one (clamped to ``retry_after_cap``, default ``maximum``),
+    else ``initial * factor ** (attempt - 1)`` clamped to ``maximum``; never below ``floor``.
+    """
+    if retry_after is not None:
+        return max(floor, min(retry_after, maximum if retry_after_cap is None else retry_after_cap))
+    try:
+        seconds = initial * factor ** max(0, attempt - 1)
+    except OverflowError:
+        seconds = maximum
+    return max(floor, min(maximum, seconds))
+
+
 class RetryAfterOrBackoff:
-    """tenacity wait: the answer's ``Retry-After`` when present, else jittered exponential backoff."""
+    """tenacity wait: the answer's ``Retry-After`` when present, else :func:`backoff` plus up to
+    ``initial`` seconds of jitter."""
 
     def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX,
                  retry_after_cap: float = RETRY_AFTER_CAP) -> None:
-        self.backoff = wait_exponential_jitter(**{_FIRST_WAIT: initial}, max=maximum, jitter=initial)
+        self.initial = initial
+        self.maximum = maximum
         self.retry_after_cap = retry_after_cap
 
     def __call__(self, retry_state: RetryCallState) -> float:
@@ -164,7 +175,8 @@ class RetryAfterOrBackoff:
                 seconds = retry_after_seconds(result, self.retry_after_cap)
                 if seconds is not None:
                     return seconds
-        return float(self.backoff(retry_state))
+        jittered = backoff(retry_state.attempt_number, self.initial, self.maximum) + random.uniform(0, self.initial)
+        return min(self.maximum, jittered)
 
 
 def _give_up(retry_state: RetryCallState) -> Any:

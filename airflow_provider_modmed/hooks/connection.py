@@ -12,16 +12,11 @@ from typing import Any
 
 import httpx
 
+from airflow_provider_modmed import profile
 from airflow_provider_modmed.capabilities import Track
-from airflow_provider_modmed.client.config import ClientConfig, proprietary_fhir_base
-from airflow_provider_modmed.connection_form import (
-    CERTIFIED_BASE_TEMPLATE,
-    CONN_FIELDS,
-    PROPRIETARY_ENVIRONMENTS,
-)
+from airflow_provider_modmed.client.config import ClientConfig
+from airflow_provider_modmed.connection_form import CONN_FIELDS, CUSTOM_HOST_EXAMPLES, ENVIRONMENTS
 from airflow_provider_modmed.errors import ConfigurationError
-
-ENVIRONMENTS = ("sandbox", "training", "production", "custom")
 
 
 def _clean(value: Any) -> Any:
@@ -65,19 +60,19 @@ def fhir_base_for(track: Track, environment: str, firm: str, host: str | None) -
         if not host:
             raise ConfigurationError(
                 "host ('Custom base URL') is required when environment='custom': for the proprietary track the "
-                "env base, e.g. http://127.0.0.1:8899/ema-dev/firm; for the certified track the FHIR base, "
-                "e.g. http://127.0.0.1:8899/certified/apiportal/fhir/r4")
+                f"env base, e.g. {CUSTOM_HOST_EXAMPLES['proprietary']}; for the certified track the FHIR base, "
+                f"e.g. {CUSTOM_HOST_EXAMPLES['certified']}")
         base = host.rstrip("/").replace("{firm}", firm)
-        if track is Track.PROPRIETARY:
-            return base if base.endswith("/ema/fhir/v2") else proprietary_fhir_base(base, firm)
+        if track is Track.PROPRIETARY and not base.endswith(profile.PROPRIETARY_FHIR_SUFFIX):
+            return profile.proprietary_fhir_base(base, firm)
         return base
     if host:
         raise ConfigurationError(
             f"host ('Custom base URL') is set but environment={environment!r}: set environment to 'custom' to "
             "use your own base URL, or clear host to use ModMed's published URL")
     if track is Track.PROPRIETARY:
-        return proprietary_fhir_base(PROPRIETARY_ENVIRONMENTS[environment], firm)
-    return CERTIFIED_BASE_TEMPLATE.format(firm=firm)
+        return profile.proprietary_fhir_base(profile.PROPRIETARY_ENVIRONMENTS[environment], firm)
+    return profile.certified_fhir_base(firm)
 
 
 def _with_port(host: str | None, port: int | None, environment: str) -> str | None:
@@ -110,7 +105,7 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
     firm = _clean(extra.get("firm_url_prefix"))
     if not firm:
         raise ConfigurationError("firm_url_prefix (extra field 'Firm URL prefix') is required: the practice's "
-                                 "firm prefix, e.g. apiportal for ModMed's public sandbox")
+                                 f"firm prefix, e.g. {profile.PUBLIC_SANDBOX_FIRM} for ModMed's public sandbox")
     default_method = "password" if track is Track.PROPRIETARY else "private_key_jwt"
     values: dict[str, Any] = {
         "track": track,

@@ -98,8 +98,6 @@ class ModMedHook(BaseHook):
             self._client = FhirClient(self.config)
         return self._client
 
-    get_client = get_conn
-
     async def get_async_client(self) -> AsyncFhirClient:
         """A new async client (callers close it with ``aclose()`` or ``async with``)."""
         return AsyncFhirClient(await self.aget_config())

@@ -180,6 +180,15 @@ class ModMedBaseOperator(BaseOperator):
 
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
+    def task_folder(self, context: Context) -> str:
+        """``{run_id}/{task_id}[_{map_index}]``, each segment path-safe: the folder of one task instance
+        below an output base (every try of the instance shares it, so a retry finds what an earlier try left)."""
+        ti = context.get("ti")
+        map_index = getattr(ti, "map_index", None)
+        run_id = context.get("run_id") or getattr(ti, "run_id", None) or "run"
+        task = safe_segment(self.task_id) + (f"_{map_index}" if map_index not in (None, -1) else "")
+        return f"{safe_segment(run_id)}/{task}"
+
     def run_closing(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` and close the client afterwards, whatever happens (the hook keeps its config)."""
         try:
@@ -188,19 +197,45 @@ class ModMedBaseOperator(BaseOperator):
             self._close_client()
 
     # -- rendered templates without patient data ---------------------------------------------------
-    def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Context,
-                                   jinja_env: jinja2.Environment, seen_oids: set[int]) -> None:
-        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
-        if parent is not self:
-            return
-        kept: dict[str, Any] = self.__dict__.setdefault("_phi_values", {})
+    # Airflow's public ``render_template`` renders one template field's value per top-level call, for a
+    # task and for each expansion of a mapped task alike (nested values are rendered by recursive calls).
+    # A field in ``phi_template_fields`` keeps its rendered value here and hands Airflow the masked shape,
+    # which is what Airflow stores as the rendered field. XCom values of a mapped task stay unrendered.
+    def render_template(self, content: Any, context: Context, jinja_env: jinja2.Environment | None = None,
+                        seen_oids: set[int] | None = None) -> Any:
+        """Airflow's rendering; a value of a field in ``phi_template_fields`` comes back masked."""
+        depth = self.__dict__.get("_phi_depth", 0)
+        name = self._phi_field_of(content) if depth == 0 else None
+        self.__dict__["_phi_depth"] = depth + 1
+        try:
+            rendered = super().render_template(content, context, jinja_env, seen_oids)
+        finally:
+            self.__dict__["_phi_depth"] = depth
+        return rendered if name is None else self._keep_phi(name, rendered)
+
+    def render_template_fields(self, context: Context, jinja_env: jinja2.Environment | None = None) -> None:
+        """Render every template field, then mask the patient-data fields that were not rendered by
+        :meth:`render_template` (a callable field value is called instead of rendered)."""
+        super().render_template_fields(context, jinja_env)
+        kept = self.__dict__.get("_phi_values") or {}
         for name in self.phi_template_fields:
-            if name in template_fields and name not in kept:
-                value = getattr(self, name, None)
-                if value in (None, "", {}, []):
-                    continue
-                kept[name] = value
-                setattr(self, name, masked_shape(value, show_underscore_keys=True))
+            if name in self.template_fields and name not in kept:
+                setattr(self, name, self._keep_phi(name, getattr(self, name, None)))
+
+    def _phi_field_of(self, content: Any) -> str | None:
+        """The patient-data field whose (not yet rendered) value ``content`` is, if any."""
+        kept = self.__dict__.get("_phi_values") or {}
+        for name in self.template_fields:
+            if getattr(self, name, None) is content:
+                return name if name in self.phi_template_fields and name not in kept else None
+        return None
+
+    def _keep_phi(self, name: str, value: Any) -> Any:
+        """Keep ``value`` for :meth:`phi_value`; return its masked shape (empty values stay as they are)."""
+        if value in (None, "", {}, []):
+            return value
+        self.__dict__.setdefault("_phi_values", {})[name] = value
+        return masked_shape(value, show_underscore_keys=True)
 
     def phi_value(self, name: str) -> Any:
         """The real (rendered) value of a template field listed in ``phi_template_fields``."""

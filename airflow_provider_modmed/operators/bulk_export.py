@@ -8,20 +8,17 @@ the connection id and the poll policy. The trigger polls in the triggerer and yi
 the files to storage. Everything it needs is rebuilt from template fields and the state file: a resumed
 task is a new process, and ``dag.test()`` drops ``defer(kwargs=...)``.
 
-Run folder: ``{output_folder}/{run_id}/{task_id}[.{map_index}]`` (run ids made path-safe), so every try of
-one task instance shares it: a retry resumes the saved job and skips files already stored and verified.
+Run folder: ``{output_folder}/{run_id}/{task_id}[_{map_index}]`` (segments made path-safe, see
+:meth:`~airflow_provider_modmed.operators._common.ModMedBaseOperator.task_folder`), so every try of one task
+instance shares it: a retry resumes the saved job and skips files already stored and verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-
-import httpx
-from airflow.sdk import BaseOperator
 
 from airflow_provider_modmed.client._flows import FhirContext
 from airflow_provider_modmed.client.bulk import (
@@ -36,16 +33,14 @@ from airflow_provider_modmed.client.bulk import (
     apply_error_policy,
     export,
 )
-from airflow_provider_modmed.client.config import origin
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.errors import ModMedError
 from airflow_provider_modmed.hooks.modmed import ModMedHook
+from airflow_provider_modmed.operators._common import ModMedBaseOperator, storage_dataset, storage_path
 from airflow_provider_modmed.triggers.bulk_export import ModMedBulkExportTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _strings(value: Any, separator: str | None = None) -> tuple[str, ...]:
@@ -58,17 +53,12 @@ def _strings(value: Any, separator: str | None = None) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-def run_folder_name(run_id: str, task_id: str, map_index: int | None = None) -> str:
-    """``{run_id}/{task_id}[.{map_index}]`` with path-unsafe characters (``:``, ``+``) replaced."""
-    task = task_id if map_index is None or map_index < 0 else f"{task_id}.{map_index}"
-    return f"{_UNSAFE.sub('_', run_id)}/{_UNSAFE.sub('_', task)}"
-
-
-class ModMedBulkExportOperator(BaseOperator):
+class ModMedBulkExportOperator(ModMedBaseOperator):
     """Export FHIR data in bulk (Bulk Data Access IG v2) from ModMed's certified API into object storage.
 
     :param output_folder: an ``ObjectStoragePath`` (or URL string, e.g. ``s3://conn@bucket/modmed`` or
-        ``file:///data/modmed``); templated. Files go under ``{output_folder}/{run_id}/{task_id}``.
+        ``file:///data/modmed``); templated. Files go under ``{output_folder}/{run_id}/{task_id}``
+        (``{task_id}_{map_index}`` for a mapped task).
     :param modmed_conn_id: a certified-track ModMed connection (export is certified-only; a proprietary
         connection fails before any network call); templated
     :param export_level: ``system``, ``Patient`` or ``Group/<id>`` (or ``Group`` with ``group_id``); templated
@@ -111,11 +101,10 @@ class ModMedBulkExportOperator(BaseOperator):
                  max_poll_errors: int = 10, max_restarts: int = 2, deferrable: bool = True,
                  export_timeout: timedelta | None = timedelta(hours=12), cancel_on_kill: bool = True,
                  **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(modmed_conn_id=modmed_conn_id, **kwargs)
         if error_policy not in ERROR_POLICIES:
             raise ValueError(f"error_policy must be one of {', '.join(ERROR_POLICIES)}; got {error_policy!r}")
         self.output_folder = output_folder
-        self.modmed_conn_id = modmed_conn_id
         self.export_level = export_level
         self.group_id = group_id
         self.types = types
@@ -138,7 +127,6 @@ class ModMedBulkExportOperator(BaseOperator):
         # policies are validated now (at parse time), not at the first run
         self._policies()
         self._run: ExportRun | None = None
-        self._hook: ModMedHook | None = None
         self._result: dict[str, Any] | None = None
 
     # -- building blocks (rebuilt in every process: a resumed task is a new one) ---------------------
@@ -161,16 +149,15 @@ class ModMedBulkExportOperator(BaseOperator):
 
         base = self.output_folder
         if not isinstance(base, ObjectStoragePath):
-            base = ObjectStoragePath(str(base))
-        ti = context["ti"]
-        return base / run_folder_name(context["run_id"], ti.task_id, getattr(ti, "map_index", None))
+            base = storage_path(str(base))
+        return base / self.task_folder(context)
 
     def _prepare(self, context: Context) -> tuple[ModMedHook, ExportRun]:
         """Pre-flight (no network), then the run folder and its state."""
-        hook = ModMedHook(self.modmed_conn_id)
+        hook = self.hook
         request = self._export_request(context)
         request.preflight(FhirContext.from_config(hook.config))  # CapabilityError names the certified track
-        self._hook, self._run = hook, ExportRun(self._folder(context), request)
+        self._run = ExportRun(self._folder(context), request)
         return hook, self._run
 
     def _bulk(self, hook: ModMedHook) -> BulkExportClient:
@@ -190,44 +177,46 @@ class ModMedBulkExportOperator(BaseOperator):
 
     # -- execution -----------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
+        with self.fail_fast():
+            return self.run_closing(lambda: self._execute(context))
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         hook, run = self._prepare(context)
-        try:
-            if run.state.stage == "complete" and run.state.result is not None:
-                self.log.info("modmed: this export is already stored in %s", run.folder)
-                return self._done(run.state.result)
-            bulk = self._bulk(hook)
-            if not self.deferrable:
-                return self._done(bulk.run(export(bulk.context, run, bulk.poll_policy, bulk.download_policy,
-                                                  self.max_restarts, self.log)))
-            status_url = bulk.start(run)
-            if run.state.stage == "ready":  # an earlier try saw the job complete: download now
-                return self._finish(bulk, run)
-            self._defer(status_url)
-            raise AssertionError("defer() returned")  # pragma: no cover
-        finally:
-            hook.close()
+        if run.state.stage == "complete" and run.state.result is not None:
+            self.log.info("modmed: this export is already stored in %s", run.folder)
+            return self._done(run.state.result)
+        bulk = self._bulk(hook)
+        if not self.deferrable:
+            return self._done(bulk.run(export(bulk.context, run, bulk.poll_policy, bulk.download_policy,
+                                              self.max_restarts, self.log)))
+        status_url = bulk.start(run)
+        if run.state.stage == "ready":  # an earlier try saw the job complete: download now
+            return self._finish(bulk, run)
+        self._defer(status_url)
+        raise AssertionError("defer() returned")  # pragma: no cover
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
                          **_: Any) -> dict[str, Any]:
         """Resume after the trigger: download on ``complete``, kick off again on ``gone``, fail on ``error``."""
         if not isinstance(event, Mapping) or "status" not in event:
             raise ModMedError(f"the bulk export resumed without a trigger event ({event!r:.200})")
+        with self.fail_fast():
+            return self.run_closing(lambda: self._resume(context, event))
+
+    def _resume(self, context: Context, event: Mapping[str, Any]) -> dict[str, Any]:
         hook, run = self._prepare(context)
-        try:
-            if run.state.stage == "complete" and run.state.result is not None:
-                return self._done(run.state.result)  # the job was released on the server after success
-            status = event["status"]
-            if run.state.status_url and event.get("status_url") not in (None, run.state.status_url):
-                self.log.warning("modmed: the trigger event is for another status URL than the saved one; "
-                                 "using the saved one")
-            if status == "complete":
-                return self._finish(self._bulk(hook), run)
-            if status == "gone":
-                return self._restart(self._bulk(hook), run, str(event.get("message") or "job gone"))
-            raise ModMedError(f"the bulk export failed while polling: {event.get('message')}",
-                              status_code=event.get("status_code"))
-        finally:
-            hook.close()
+        if run.state.stage == "complete" and run.state.result is not None:
+            return self._done(run.state.result)  # the job was released on the server after success
+        status = event["status"]
+        if run.state.status_url and event.get("status_url") not in (None, run.state.status_url):
+            self.log.warning("modmed: the trigger event is for another status URL than the saved one; "
+                             "using the saved one")
+        if status == "complete":
+            return self._finish(self._bulk(hook), run)
+        if status == "gone":
+            return self._restart(self._bulk(hook), run, str(event.get("message") or "job gone"))
+        raise ModMedError(f"the bulk export failed while polling: {event.get('message')}",
+                          status_code=event.get("status_code"))
 
     def _finish(self, bulk: BulkExportClient, run: ExportRun) -> dict[str, Any]:
         status_url = run.state.status_url
@@ -236,15 +225,12 @@ class ModMedBulkExportOperator(BaseOperator):
         try:
             result = bulk.finish(run, status_url, logger=self.log)
         except ExportGoneError as exc:
-            return self._restart(bulk, run, str(exc))
+            return self._restart(bulk, run, exc)
         return self._done(result)
 
-    def _restart(self, bulk: BulkExportClient, run: ExportRun, why: str, count: bool = True) -> dict[str, Any]:
-        if count and run.state.restarts >= self.max_restarts:
-            raise ExportGoneError(f"the bulk export job is gone ({why}) and max_restarts={self.max_restarts} "
-                                  "kick-offs were already made for this run")
-        self.log.warning("modmed: %s; kicking off a new export", why)
-        run.restart(count=count)
+    def _restart(self, bulk: BulkExportClient, run: ExportRun, why: str | BaseException,
+                 count: bool = True) -> dict[str, Any]:
+        run.restart_if_allowed(self.max_restarts, why, count=count)  # the client's one restart policy
         self._defer(bulk.start(run))
         raise AssertionError("defer() returned")  # pragma: no cover
 
@@ -255,7 +241,9 @@ class ModMedBulkExportOperator(BaseOperator):
 
     # -- cancel: on_kill (killed, or execution_timeout on the worker) and deferral timeout ----------
     def on_kill(self) -> None:
+        """Cancel the export on the server (``cancel_on_kill``), then close the client."""
         self._cancel("the task was killed")
+        super().on_kill()
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
         from airflow.sdk.exceptions import TaskDeferralTimeout
@@ -271,7 +259,7 @@ class ModMedBulkExportOperator(BaseOperator):
             raise
 
     def _cancel(self, why: str) -> None:
-        run, hook = self._run, self._hook
+        run, hook = self._run, self.__dict__.get("hook")
         if not self.cancel_on_kill or run is None or hook is None:
             return
         status_url = run.state.status_url
@@ -289,24 +277,11 @@ class ModMedBulkExportOperator(BaseOperator):
 
     # -- lineage ---------------------------------------------------------------------------------------
     def lineage_datasets(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """(inputs, outputs) as (namespace, name): one per exported type, FHIR server -> storage folder."""
-        result, hook = self._result, self._hook
-        if not result or hook is None:
+        """(inputs, outputs): one per exported type, the practice's FHIR server -> the run folder's files."""
+        result = self._result
+        if not result:
             return [], []
-        scheme, host, port = origin(hook.config.fhir_base)
-        base_path = httpx.URL(hook.config.fhir_base).path.rstrip("/")
-        folder = str(result["run_folder"])
-        storage = folder.split("://", 1)[0] if "://" in folder else "file"
         types = sorted(result.get("output") or {})
-        return ([(f"{scheme}://{host}:{port}", f"{base_path}/{t}") for t in types],
-                [(storage, f"{folder}/output/{t}") for t in types])
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        try:
-            from airflow.providers.openlineage.extractors import OperatorLineage
-            from openlineage.client.event_v2 import Dataset
-        except ImportError:
-            return None
-        inputs, outputs = self.lineage_datasets()
-        return OperatorLineage(inputs=[Dataset(namespace=n, name=p) for n, p in inputs],
-                               outputs=[Dataset(namespace=n, name=p) for n, p in outputs])
+        folder = str(result["run_folder"]).rstrip("/")
+        return ([(self.lineage_namespace(), t) for t in types],
+                [storage_dataset(f"{folder}/output/{t}") for t in types])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_modmed.capabilities import Interaction
 from airflow_provider_modmed.client._flows import validate_id
 from airflow_provider_modmed.client.documents import (
+    DOCUMENT_CATEGORY_VALUE_SET,
     MAX_URL_ATTEMPTS,
     UploadResult,
     guess_content_type,
@@ -110,7 +111,7 @@ class ModMedDocumentUploadOperator(ModMedBaseOperator):
             category = self.category
             if category in (None, "", {}):
                 raise ConfigurationError("category is required: a code or display name from the firm's "
-                                         "ValueSet/document-category, or a coding dict")
+                                         f"ValueSet/{DOCUMENT_CATEGORY_VALUE_SET}, or a coding dict")
             source = self._source()
             size = _size(source)
             if size is not None and size > self.max_bytes:

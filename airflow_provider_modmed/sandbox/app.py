@@ -15,6 +15,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from airflow_provider_modmed.capabilities import Interaction, Track
+from airflow_provider_modmed.client.instants import format_instant
+from airflow_provider_modmed.profile import (
+    CERTIFIED_FHIR_SUFFIX,
+    KEYCLOAK_TOKEN_PATH,
+    PROPRIETARY_FHIR_SUFFIX,
+    PROPRIETARY_GRANT_SUFFIX,
+)
 from airflow_provider_modmed.sandbox import interactions
 from airflow_provider_modmed.sandbox.http import (
     FhirError,
@@ -26,14 +33,14 @@ from airflow_provider_modmed.sandbox.http import (
     read_json,
 )
 from airflow_provider_modmed.sandbox.metadata import capability_statement
-from airflow_provider_modmed.sandbox.state import ENVIRONMENTS, SandboxState, Token
-from airflow_provider_modmed.sandbox.store import format_instant
+from airflow_provider_modmed.sandbox.state import ENVIRONMENT_PATHS, SandboxState, Token
 
 Handler = Callable[[SandboxState, Track, Request, str], Awaitable[Response]]
 
-PROPRIETARY_PREFIX = "/{env}/firm/{firm}/ema"
+#: ``{env_base}/{firm}`` as served on loopback: ``/{env}/firm`` is one of ModMed's environment paths
+PROPRIETARY_PREFIX = "/{env}/firm/{firm}"
+#: the certified track on loopback: one path per practice instead of ModMed's one host per practice
 CERTIFIED_PREFIX = "/certified/{firm}"
-KEYCLOAK_TOKEN_PATH = "/auth/realms/ema-fhir/protocol/openid-connect/token"
 
 
 def _key_label(api_key: str) -> str:
@@ -54,14 +61,14 @@ def build_api_app(state: SandboxState) -> Starlette:
 
     def proprietary_base(request: Request) -> str:
         p = request.path_params
-        return f"{state.api_url}/{p['env']}/firm/{p['firm']}/ema/fhir/v2"
+        return f"{state.api_url}/{p['env']}/firm/{p['firm']}{PROPRIETARY_FHIR_SUFFIX}"
 
     def certified_base(request: Request) -> str:
-        return f"{state.api_url}/certified/{request.path_params['firm']}/fhir/r4"
+        return f"{state.api_url}/certified/{request.path_params['firm']}{CERTIFIED_FHIR_SUFFIX}"
 
     def check_path(request: Request) -> None:
         p = request.path_params
-        if p.get("env", ENVIRONMENTS[0]) not in ENVIRONMENTS:
+        if "env" in p and f"/{p['env']}/firm" not in ENVIRONMENT_PATHS:
             raise FhirError(404, "not-found", f"Unknown environment '{p['env']}'")
         if p["firm"] != creds.firm:
             raise FhirError(404, "not-found", f"Unknown firm URL prefix '{p['firm']}'")
@@ -279,10 +286,10 @@ def build_api_app(state: SandboxState) -> Starlette:
     async def not_found(request: Request) -> Response:
         return outcome(404, "not-found", f"No route for {request.method} {request.url.path}")
 
-    pp = PROPRIETARY_PREFIX + "/fhir/v2"
-    cp = CERTIFIED_PREFIX + "/fhir/r4"
+    pp = PROPRIETARY_PREFIX + PROPRIETARY_FHIR_SUFFIX
+    cp = CERTIFIED_PREFIX + CERTIFIED_FHIR_SUFFIX
     routes = [
-        Route(PROPRIETARY_PREFIX + "/ws/oauth2/grant", proprietary_grant, methods=["POST"]),
+        Route(PROPRIETARY_PREFIX + PROPRIETARY_GRANT_SUFFIX, proprietary_grant, methods=["POST"]),
         Route(KEYCLOAK_TOKEN_PATH, keycloak_token, methods=["POST"]),
         Route(pp + "/metadata", proprietary_metadata, methods=["GET"]),
         Route(pp + "/$export", refuse_export, methods=["GET", "POST"]),

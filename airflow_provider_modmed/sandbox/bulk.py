@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from typing import Any
 
@@ -27,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from airflow_provider_modmed.capabilities import BULK_FILE_MAX_RESOURCES, EXPORT_LEVELS, MATRIX
+from airflow_provider_modmed.client.instants import InvalidInstantError, format_instant, instant_ms
 from airflow_provider_modmed.sandbox.http import FhirError, outcome
 from airflow_provider_modmed.sandbox.smart import scope_allows
 from airflow_provider_modmed.sandbox.state import SandboxState
-from airflow_provider_modmed.sandbox.store import extract_params, format_instant
+from airflow_provider_modmed.sandbox.store import extract_params
 
 __all__ = ["JOB_TTL_SECONDS", "NDJSON", "OUTPUT_FORMATS", "BulkExports", "TruncatedDownload"]
 
@@ -44,10 +44,6 @@ JOB_TTL_SECONDS = 3600.0
 _KNOWN_PARAMS = frozenset({"_outputFormat", "_since", "_type", "_typeFilter"})
 #: rows read from the store per query (and lines per chunk) while a file streams
 _STREAM_BATCH = 200
-_INSTANT_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})$"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class TruncatedDownload(ConnectionError):
@@ -75,24 +71,14 @@ def _deleted_line(resource_type: str, resource_id: str) -> str:
 
 def _parse_since(value: str) -> int:
     """A FHIR instant that carries a zone -> milliseconds since the epoch; FhirError 400 otherwise."""
-    text = value.strip()
-    m = _INSTANT_RE.match(text)
-    hint = " (was a '+' sent unencoded? use %2B)" if " " in text else ""
-    if m is None:
-        raise FhirError(400, "invalid", f"_since must be a FHIR instant with a time zone, e.g. "
-                        f"2024-01-01T00:00:00Z; got {value!r}{hint}")
-    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    hint = " (was a '+' sent unencoded? use %2B)" if " " in value.strip() else ""
     try:
-        if zone == "Z":
-            tz = timezone.utc
-        else:
-            sign = 1 if zone[0] == "+" else -1
-            tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-        dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                      int((fraction or "0").ljust(6, "0")[:6]), tzinfo=tz)
-    except ValueError as exc:
-        raise FhirError(400, "invalid", f"_since is not a valid instant: {value!r} ({exc})") from None
-    return (dt - _EPOCH) // timedelta(milliseconds=1)
+        if hint:  # a server takes the FHIR form only: 'T' before the time
+            raise InvalidInstantError("_since must be a FHIR instant with a time zone")
+        return instant_ms(value, "_since")
+    except InvalidInstantError:
+        raise FhirError(400, "invalid", f"_since must be a FHIR instant with a time zone, e.g. "
+                        f"2024-01-01T00:00:00Z; got {value!r}{hint}") from None
 
 
 def _prefer_tokens(prefer: str) -> set[str]:

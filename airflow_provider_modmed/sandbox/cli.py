@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, default=None,
                        help="keep state (SQLite) and private keys here; default: in memory")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--firm", default="apiportal", help="firm URL prefix of the seeded practice")
+        p.add_argument("--firm", default=SandboxConfig.firm, help="firm URL prefix of the seeded practice")
         for flag in ("api-key", "username", "password", "client-id", "client-secret", "cert-client-id",
                      "cert-client-secret"):
             p.add_argument(f"--{flag}", default=None, help=f"override the seeded {flag.replace('-', ' ')}")

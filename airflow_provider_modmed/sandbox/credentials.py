@@ -22,6 +22,15 @@ from typing import Any
 
 from joserfc.jwk import ECKey, RSAKey
 
+from airflow_provider_modmed.profile import (
+    CERTIFIED_FHIR_SUFFIX,
+    KEYCLOAK_TOKEN_PATH,
+    PUBLIC_SANDBOX_FIRM,
+    environment_path,
+    proprietary_fhir_base,
+    proprietary_grant_url,
+)
+
 __all__ = [
     "OVERRIDE_KEYS",
     "AsymmetricClient",
@@ -166,7 +175,7 @@ def _asymmetric_client(client_id: str, algorithm: str, data_dir: Path | None) ->
     )
 
 
-def make_credentials(*, firm: str = "apiportal", seed: int = 0, data_dir: Path | None = None,
+def make_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, seed: int = 0, data_dir: Path | None = None,
                      overrides: Mapping[str, str] | None = None) -> SandboxCredentials:
     """Build the sandbox's credentials.
 
@@ -209,20 +218,21 @@ def _connection_uri(conn_id: str, conn: Mapping[str, Any]) -> str:
 
 
 def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url: str,
-                         env: str = "ema-dev") -> dict[str, Any]:
+                         env: str = "sandbox") -> dict[str, Any]:
     """The credentials JSON of the sandbox contract ("The credentials JSON").
 
     ``airflow_connections`` values use Airflow's JSON connection format (usable as
     ``AIRFLOW_CONN_<ID>``); ``airflow_connection_uris`` holds the same connections as URIs built by
-    ``airflow.sdk.Connection.get_uri()``.
+    ``airflow.sdk.Connection.get_uri()``. ``env`` names one of ModMed's environments (``sandbox``,
+    ``training``, ``production``): the proprietary URLs use its path on loopback (``/ema-dev/firm``, ...).
     """
     api = api_url.rstrip("/")
     firm = creds.firm
-    env_base = f"{api}/{env}/firm"
-    proprietary_fhir = f"{env_base}/{firm}/ema/fhir/v2"
-    proprietary_token = f"{env_base}/{firm}/ema/ws/oauth2/grant"
-    keycloak_token = f"{api}/auth/realms/ema-fhir/protocol/openid-connect/token"
-    certified_fhir = f"{api}/certified/{firm}/fhir/r4"
+    env_base = f"{api}{environment_path(env)}"
+    proprietary_fhir = proprietary_fhir_base(env_base, firm)
+    proprietary_token = proprietary_grant_url(env_base, firm)
+    keycloak_token = f"{api}{KEYCLOAK_TOKEN_PATH}"
+    certified_fhir = f"{api}/certified/{firm}{CERTIFIED_FHIR_SUFFIX}"
     certified_token = f"{api}/certified/{firm}/auth/token"
 
     def jwt_client(c: AsymmetricClient) -> dict[str, Any]:

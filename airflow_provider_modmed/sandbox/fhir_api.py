@@ -9,20 +9,18 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.datastructures import QueryParams
 
 from airflow_provider_modmed.capabilities import DEFAULT, Interaction, Track
+from airflow_provider_modmed.client.instants import day_start_ms, instant_ms
 from airflow_provider_modmed.sandbox.http import FhirError
 from airflow_provider_modmed.sandbox.state import SandboxState
-from airflow_provider_modmed.sandbox.store import Filter, Row, parse_instant_ms
+from airflow_provider_modmed.sandbox.store import Filter, Row
 
-TRANSACTION_ID_SYSTEM = "https://www.modmed.com/fhir/transaction-id"
-PRESIGNED_EXT = "https://www.modmed.com/fhir/StructureDefinition/presigned-url"
-RECONCILIATION_EXT = "https://www.modmed.com/fhir/StructureDefinition/reconciliation-id"
 PAGINATION_FLAG = "pagination_optimization_disabled"
 
 #: search parameters the sandbox understands, and how it compares them
@@ -39,14 +37,10 @@ _PROPRIETARY_LU = re.compile(r"^(gt|eq|le)(\d{4}-\d{2}-\d{2})$")
 _CERTIFIED_LU = re.compile(r"^(eq|ne|gt|ge|lt|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+(Z|[+-]\d{2}:\d{2}))?)?)?)$")
 
 
-def _day_start_ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp() * 1000)
-
-
 def _range_of(value: str) -> tuple[int, int]:
     """The [start, end) in ms that a FHIR date/instant of some precision denotes."""
     if "T" in value:
-        start = parse_instant_ms(value)
+        start = instant_ms(value, "_lastUpdated")
         frac = value.split("T", 1)[1]
         digits = len(frac.split(".", 1)[1].rstrip("Z").split("+")[0].split("-")[0]) if "." in frac else 0
         width = 1000 if digits == 0 else max(1, 10 ** (3 - min(digits, 3)))
@@ -54,12 +48,12 @@ def _range_of(value: str) -> tuple[int, int]:
     parts = [int(p) for p in value.split("-")]
     if len(parts) == 3:
         d = date(parts[0], parts[1], parts[2])
-        return _day_start_ms(d), _day_start_ms(d + timedelta(days=1))
+        return day_start_ms(d), day_start_ms(d + timedelta(days=1))
     if len(parts) == 2:
         d = date(parts[0], parts[1], 1)
         nxt = date(parts[0] + (parts[1] // 12), parts[1] % 12 + 1, 1)
-        return _day_start_ms(d), _day_start_ms(nxt)
-    return _day_start_ms(date(parts[0], 1, 1)), _day_start_ms(date(parts[0] + 1, 1, 1))
+        return day_start_ms(d), day_start_ms(nxt)
+    return day_start_ms(date(parts[0], 1, 1)), day_start_ms(date(parts[0] + 1, 1, 1))
 
 
 def last_updated_range(track: Track, resource_type: str, values: Sequence[str]) -> tuple[int | None, int | None]:
@@ -140,11 +134,10 @@ def search(state: SandboxState, track: Track, resource_type: str, query: QueryPa
     """Run a search with the track's paging rules."""
     spec = DEFAULT.spec(resource_type)
     assert spec is not None
-    if track is Track.PROPRIETARY:
-        missing = [p for p in spec.required_search_params if p not in query]
-        if missing:
-            raise FhirError(400, "required", f"Search of {resource_type} requires parameter(s): "
-                            + ", ".join(missing))
+    missing = DEFAULT.missing_search_params(track, resource_type, query.keys())
+    if missing:
+        raise FhirError(400, "required", f"Search of {resource_type} requires parameter(s): "
+                        + ", ".join(missing))
     lu = last_updated_range(track, resource_type, query.getlist("_lastUpdated"))
     filters = parse_filters(query)
     max_count = DEFAULT.max_count(track, resource_type)

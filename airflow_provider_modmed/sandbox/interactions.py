@@ -10,10 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from airflow_provider_modmed.capabilities import Interaction, Track
-from airflow_provider_modmed.sandbox.fhir_api import (
-    PRESIGNED_EXT,
-    RECONCILIATION_EXT,
+from airflow_provider_modmed.profile import (
+    DOCUMENT_CATEGORY_SYSTEM,
+    PRESIGNED_URL_EXTENSION,
+    RECONCILIATION_EXTENSION,
     TRANSACTION_ID_SYSTEM,
+)
+from airflow_provider_modmed.sandbox.fhir_api import (
     bundle,
     check_interaction,
     parse_filters,
@@ -73,7 +76,7 @@ def _special_document(state: SandboxState, rid: str, fhir_base: str) -> dict[str
             "meta": patient.body["meta"],
             "type": {"coding": [{"system": "http://loinc.org", "code": "34133-9",
                                  "display": "Summary of episode note"}]},
-            "category": [{"coding": [{"system": "https://www.modmed.com/fhir/document-category", "code": "CCDA",
+            "category": [{"coding": [{"system": DOCUMENT_CATEGORY_SYSTEM, "code": "CCDA",
                                       "display": "CCDA"}]}],
             "subject": {"reference": f"Patient/{ref_id}"},
             "content": [{"attachment": {"contentType": "application/xml",
@@ -114,7 +117,7 @@ async def create(state: SandboxState, track: Track, request: Request, fhir_base:
         _check_transaction_id(state, resource)
     if rt == "Coverage":
         rec = state.store.new_id("Coverage#reconciliation", "REC-")
-        resource.setdefault("extension", []).append({"url": RECONCILIATION_EXT, "valueString": rec})
+        resource.setdefault("extension", []).append({"url": RECONCILIATION_EXTENSION, "valueString": rec})
     if rt == "DocumentReference":
         _check_attachment(state, resource)
     row = state.store.create(resource, id_prefix=_ID_PREFIX.get(rt, ""))
@@ -158,7 +161,7 @@ async def _create_binary(state: SandboxState, body: Any, fhir_base: str) -> Resp
     url = state.presign(f"/uploads/binary-{rid}")
     state.stats["presigned_issued"] += 1
     resource = {"resourceType": "Binary", "id": rid, "contentType": content_type,
-                "extension": [{"url": PRESIGNED_EXT, "valueUrl": url}]}
+                "extension": [{"url": PRESIGNED_URL_EXTENSION, "valueUrl": url}]}
     return fhir_response(resource, 201, {"Location": f"{fhir_base}/Binary/{rid}"})
 
 

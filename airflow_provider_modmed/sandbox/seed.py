@@ -44,6 +44,15 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
+from airflow_provider_modmed.client.instants import epoch_ms, format_instant
+from airflow_provider_modmed.profile import (
+    APPOINTMENT_TYPE_SYSTEM,
+    DOCUMENT_CATEGORY_SYSTEM,
+    PAYER_ID_SYSTEM,
+    TRANSACTION_ID_SYSTEM,
+    VALUE_SET_BASE,
+)
+
 __all__ = [
     "APPOINTMENT_TYPE_SYSTEM",
     "COMPOSITE_ID_TYPES",
@@ -60,9 +69,6 @@ _T = TypeVar("_T")
 # -- systems and fixed codes -------------------------------------------------------------------------
 
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.modmed.mrn"
-DOCUMENT_CATEGORY_SYSTEM = "https://www.modmed.com/fhir/document-category"
-APPOINTMENT_TYPE_SYSTEM = "https://www.modmed.com/fhir/appointment-type"
-TRANSACTION_ID_SYSTEM = "https://www.modmed.com/fhir/transaction-id"
 #: prefix of the certified API's dotted ids (Immunization, vital-sign Observation)
 DOTTED_ID_PREFIX = "1.120182.1."
 #: payer Organization ids (composite, ModMed style)
@@ -189,11 +195,7 @@ _YEAR = 31_557_600_000  # 365.25 days
 _gmtime = time.gmtime
 
 
-def _instant(ms: int) -> str:
-    """UTC instant with milliseconds: ``2025-03-04T10:11:12.345Z``."""
-    s, frac = divmod(ms, 1000)
-    t = _gmtime(s)
-    return f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}.{frac:03d}Z"
+_instant = format_instant  # UTC instant with milliseconds: ``2025-03-04T10:11:12.345Z``
 
 
 def _dt(ms: int) -> str:
@@ -231,10 +233,7 @@ def _now_ms(now: datetime.datetime | None) -> int:
         now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
     elif now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware (UTC)")
-    now = now.astimezone(datetime.timezone.utc)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    delta = now - epoch
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return epoch_ms(now)
 
 
 # -- fixed, per-practice codes -----------------------------------------------------------------------
@@ -296,7 +295,7 @@ def _value_set(vs_id: str, name: str, title: str, system: str, concepts: Sequenc
         "resourceType": "ValueSet",
         "id": vs_id,
         "meta": _meta(ms),
-        "url": f"https://www.modmed.com/fhir/ValueSet/{vs_id}",
+        "url": f"{VALUE_SET_BASE}/{vs_id}",
         "version": "1",
         "name": name,
         "title": title,
@@ -342,7 +341,7 @@ def _practice(rng: random.Random, start: int, span: int) -> list[dict[str, Any]]
     for pay_id, pay_name in zip(PAYER_IDS, payers, strict=True):
         out.append({
             "resourceType": "Organization", "id": pay_id, "meta": _meta(early()), "active": True,
-            "identifier": [{"system": "https://www.modmed.com/fhir/payer-id", "value": pay_id.split("|")[1]}],
+            "identifier": [{"system": PAYER_ID_SYSTEM, "value": pay_id.split("|")[1]}],
             "type": [_cc(_ORG_TYPE, "pay", "Payer")],
             "name": pay_name,
         })

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_modmed.profile import PROPRIETARY_ENVIRONMENTS, PUBLIC_SANDBOX_FIRM, environment_path
 from airflow_provider_modmed.sandbox.store import Store
 
-#: the `env` path segments the proprietary track answers on
-ENVIRONMENTS = ("ema-dev", "ema-training", "ema-prod")
+#: the environment base paths the proprietary track answers on (``/ema-dev/firm``, ...), as ModMed's hosts do
+ENVIRONMENT_PATHS = tuple(environment_path(name) for name in PROPRIETARY_ENVIRONMENTS)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class SandboxConfig:
     data_dir: Path | None = None
     patients: int = 100
     seed: int = 0
-    firm: str = "apiportal"
+    firm: str = PUBLIC_SANDBOX_FIRM
     rate_limit_per_minute: int = 1000
     #: the rate limit's window: 60 s as at ModMed; tests shorten it
     rate_limit_window_seconds: float = 60.0

@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from airflow_provider_modmed.client.instants import format_instant, instant_ms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -33,20 +34,6 @@ CREATE INDEX IF NOT EXISTS params_lookup ON params (type, name, value);
 CREATE INDEX IF NOT EXISTS params_owner ON params (type, id);
 CREATE TABLE IF NOT EXISTS counters (type TEXT PRIMARY KEY, next INTEGER NOT NULL);
 """
-
-
-def format_instant(ms: int) -> str:
-    """Milliseconds since the epoch -> FHIR instant with millisecond precision, in UTC."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-def parse_instant_ms(text: str) -> int:
-    """FHIR instant (any offset, optional fraction) -> milliseconds since the epoch."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return round(dt.timestamp() * 1000)
 
 
 def _refs(value: Any) -> Iterator[str]:
@@ -187,7 +174,7 @@ class Store:
                 seq += 1
                 n += 1
                 rt, rid = res["resourceType"], res["id"]
-                lu = parse_instant_ms(res["meta"]["lastUpdated"])
+                lu = instant_ms(res["meta"]["lastUpdated"], "meta.lastUpdated")
                 body = json.dumps(res, separators=(",", ":"))
                 rows.append((rt, rid, seq, int(res["meta"].get("versionId", "1")), lu, body))
                 params.extend((rt, rid, k, v) for k, v in extract_params(res))

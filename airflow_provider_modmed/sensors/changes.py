@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,11 +39,10 @@ from airflow_provider_modmed.client.changes import (
     Cursor,
     PollResult,
     changes_json,
-    format_instant,
-    parse_instant_ms,
     poll_changes,
-    to_ms,
 )
+from airflow_provider_modmed.client.instants import duration_ms, format_instant, now_ms, parse_bound_ms
+from airflow_provider_modmed.client.ndjson import NdjsonWriter
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
 from airflow_provider_modmed.operators._common import (
     ModMedBaseOperator,
@@ -55,11 +53,6 @@ from airflow_provider_modmed.operators._common import (
 from airflow_provider_modmed.triggers.changes import ModMedChangesTrigger
 
 STATE_FORMAT = 1
-#: where change sets go when neither ``output_path`` nor ``[modmed] output_base`` is set
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _compact(ms: int) -> str:
@@ -83,27 +76,6 @@ class _Plan:
     mode: str  # "window" | "state" | "since"
     state_file: ObjectStoragePath | None = None
     generation: int = 0
-
-
-class _NdjsonSink:
-    """Writes changed resources, one JSON object a line; the file is created with the first change."""
-
-    def __init__(self, path: ObjectStoragePath) -> None:
-        self.path = path
-        self._file: Any = None
-        self.count = 0
-
-    def write(self, resource: dict[str, Any]) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w")
-        self._file.write(json.dumps(resource, separators=(",", ":")) + "\n")
-        self.count += 1
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
@@ -157,7 +129,7 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
         self.until = until
         self.state_path = state_path
         self.output_path = output_path
-        self.lookback = to_ms(lookback) / 1000
+        self.lookback = duration_ms(lookback) / 1000
         self.page_size = page_size
         self.strategy = strategy
         self.exact_paging = exact_paging
@@ -186,13 +158,13 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
                 return _Plan(query, Cursor.from_json(state["cursor"]), "state", state_file,
                              int(state.get("generation", 0)))
             start = self.since or context.get("data_interval_start") or context.get("logical_date")
-            cursor = Cursor(parse_instant_ms(start) if start else _now_ms())
+            cursor = Cursor(parse_bound_ms(start, "since") if start else now_ms())
             return _Plan(query, cursor, "state", state_file, 0)
         if self.since is not None and self.until is None:
             return _Plan(query, Cursor.since(self.since), "since")
         start = self.since if self.since is not None else context.get("data_interval_start")
         end = self.until if self.until is not None else context.get("data_interval_end")
-        if start is None or end is None or parse_instant_ms(start) >= parse_instant_ms(end):
+        if start is None or end is None or parse_bound_ms(start, "since") >= parse_bound_ms(end, "until"):
             raise ConfigurationError(
                 "the data interval is empty (a DAG with schedule=None?): set since/until, or state_path for "
                 "continuous polling")
@@ -235,18 +207,19 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
 
         A settled window without changes raises ``AirflowSkipException`` (or returns an empty reference).
         """
-        sink = _NdjsonSink(self._output(context, plan))
+        path = self._output(context, plan)
+        sink = NdjsonWriter(path)
         try:
             track: str | None = self.track.value
             result = poll_changes(self.hook.get_conn(), plan.query, plan.cursor, on_change=sink.write,
-                                  now_ms=_now_ms())
+                                  now_ms=now_ms())
         finally:
             sink.close()
             self._close_client()
         self.log.info("poll %s on %s: %s", self.resource_type, self.modmed_conn_id, json.dumps(result.summary()))
         if result.changes:
-            generation = self._commit(plan, result, sink.path) if plan.mode == "state" else None
-            return self._reference(plan, result, sink.path, track, generation)
+            generation = self._commit(plan, result, path) if plan.mode == "state" else None
+            return self._reference(plan, result, path, track, generation)
         if plan.mode == "window":
             return self._empty(plan, result, track)
         return None
@@ -264,7 +237,7 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
         generation = plan.generation + 1
         state = {"format": STATE_FORMAT, "conn_id": self.modmed_conn_id, "resource_type": self.resource_type,
                  "params": [list(p) for p in plan.query.params], "generation": generation,
-                 "updated_at": format_instant(_now_ms()), "last_change_set": str(written),
+                 "updated_at": format_instant(now_ms()), "last_change_set": str(written),
                  "last_count": len(result.changes), "cursor": result.cursor.to_json()}
         state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = ObjectStoragePath(str(state_file) + ".tmp")
@@ -303,7 +276,7 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
         with self.fail_fast():
             plan = self._plan(context)
             settles = self._settles_at_ms(plan)
-            if settles is not None and _now_ms() < settles:
+            if settles is not None and now_ms() < settles:
                 self.log.info("window ends %s; it settles at %s", format_instant(plan.cursor.high_ms or 0),
                               format_instant(settles))
                 return False
@@ -316,7 +289,7 @@ class ModMedChangesSensor(ModMedBaseOperator, BaseSensorOperator):
         with self.fail_fast():
             plan = self._plan(context)
             settles = self._settles_at_ms(plan)
-            if settles is None or _now_ms() >= settles:
+            if settles is None or now_ms() >= settles:
                 reference = self._collect(context, plan)
                 if reference is not None:
                     return reference

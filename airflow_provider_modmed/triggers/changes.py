@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Hashable, Sequence
 from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from airflow_provider_modmed.client._flows import search_pairs
 from airflow_provider_modmed.client.changes import (
     DEFAULT_LOOKBACK_SECONDS,
     Change,
@@ -30,14 +30,12 @@ from airflow_provider_modmed.client.changes import (
     Cursor,
     InconsistentPagingError,
     PollResult,
-    Tracker,
     advance,
     apoll_changes,
     changes_json,
-    format_instant,
     iter_rows,
-    parse_instant_ms,
 )
+from airflow_provider_modmed.client.instants import format_instant, instant_ms, now_ms, parse_bound_ms
 from airflow_provider_modmed.errors import ModMedError, RateLimitedError, ServerError, TransportError
 
 #: errors worth another poll (the client already retried the call itself)
@@ -46,20 +44,9 @@ TRANSIENT_ERRORS: tuple[type[ModMedError], ...] = (ServerError, RateLimitedError
 DEFAULT_CONN_ID = "modmed_default"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _pairs(search_params: Any) -> list[list[str]]:
     """Search parameters in a deterministic JSON-friendly form: sorted ``[[name, value], ...]``."""
-    if not search_params:
-        return []
-    items = search_params.items() if isinstance(search_params, dict) else search_params
-    out: list[list[str]] = []
-    for key, value in items:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        out.extend([str(key), str(v)] for v in values if v is not None)
-    return sorted(out)
+    return [list(pair) for pair in sorted(search_pairs(search_params))]
 
 
 def _query(resource_type: str, search_params: Sequence[Sequence[str]], lookback: float, page_size: int | None,
@@ -122,7 +109,7 @@ class ModMedChangesTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         if self.not_before:
-            wait = (parse_instant_ms(self.not_before) - now_ms()) / 1000
+            wait = (instant_ms(self.not_before, "not_before") - now_ms()) / 1000
             if wait > 0:
                 self.log.info("waiting %.1fs for the window to settle", wait)
                 await asyncio.sleep(wait)
@@ -170,12 +157,16 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
 
     Kwargs are the watcher's identity (Airflow hashes them): keep them deterministic. The cursor lives
     in the asset's ``asset_state_store`` (when Airflow provides one), so a triggerer restart resumes
-    where it stopped; without a store the watcher starts "from now" (or from ``since``).
+    where it stopped; without a store the watcher starts "from now" (or from ``since``). A watcher that
+    serves several assets (the same kwargs on each) keeps its cursor in the one named by ``state_asset``;
+    without it the cursor stays in memory (a warning says so).
 
     :param since: ISO instant; with no saved cursor, report every change from then on. Default: only
         changes after the watcher's first poll.
     :param share_stream: share one poll loop with sibling watchers of the same connection, type,
         parameters and cadence (Airflow's shared streams); False gives this watcher its own loop
+    :param state_asset: name of the watched asset whose state store keeps the cursor, when the watcher
+        serves several assets; not needed for one
     """
 
     #: prefix of the asset_state_store key holding the cursor
@@ -185,8 +176,9 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                  poll_interval: float = 60.0, lookback: float = DEFAULT_LOOKBACK_SECONDS,
                  page_size: int | None = None, strategy: str | None = None, exact_paging: bool = True,
                  since: str | None = None, max_changes_in_event: int = 100, share_stream: bool = True,
-                 max_consecutive_failures: int = 5) -> None:
+                 max_consecutive_failures: int = 5, state_asset: str | None = None) -> None:
         super().__init__()
+        self.state_asset = state_asset
         self.resource_type = resource_type
         self.modmed_conn_id = modmed_conn_id
         self.search_params = _pairs(search_params)
@@ -201,7 +193,7 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
         self.max_consecutive_failures = max_consecutive_failures
         self.query = _query(resource_type, self.search_params, self.lookback, page_size, strategy, exact_paging)
         if since is not None:
-            parse_instant_ms(since)
+            parse_bound_ms(since, "since")
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
@@ -210,6 +202,7 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
             "page_size": self.page_size, "strategy": self.strategy, "exact_paging": self.exact_paging,
             "since": self.since, "max_changes_in_event": self.max_changes_in_event,
             "share_stream": self.share_stream, "max_consecutive_failures": self.max_consecutive_failures,
+            "state_asset": self.state_asset,
         })
 
     # -- the shared poll loop -----------------------------------------------------------------------
@@ -286,11 +279,12 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                                   json.dumps(result.summary()))
                 else:
                     was_baseline = cursor.baseline
-                    tracker = Tracker(cursor, self.query.lookback_ms, now)
+                    tracker = cursor.tracker()
                     for change in iter_rows(snapshot["observed"]):
                         tracker.offer(change)
                     new = sorted(tracker.new, key=lambda c: (c.last_updated_ms, c.id))
-                    cursor = tracker.next_cursor(bool(snapshot["consistent"]), at_least_ms=next_low)
+                    cursor = cursor.after(tracker, self.query.lookback_ms, now_ms=now,
+                                          consistent=bool(snapshot["consistent"]), at_least_ms=next_low)
                     if was_baseline:
                         unsaved = cursor
                 if new:
@@ -318,26 +312,38 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
     def state_key(self) -> str:
         return f"{self.STATE_KEY}.{self.modmed_conn_id}.{self.resource_type}.{self.query.key()}"
 
-    def _accessors(self) -> list[Any]:
+    def _state(self) -> Any:
+        """The state store holding the cursor, through Airflow's public API: the store itself for one
+        watched asset, ``store[Asset.ref(name=state_asset)]`` for several; None without a store."""
         store = self.asset_state_store
-        if store is None:
-            return []
-        try:
-            store._single_accessor()
-            return [store]
-        except ValueError:  # one trigger watching several assets: keep the cursor in each of them
-            return [*getattr(store, "_by_name", {}).values(), *getattr(store, "_by_uri", {}).values()]
-        except AttributeError:
-            return [store]
+        if store is None or not self.state_asset:
+            return store
+        from airflow.sdk import Asset
+
+        return store[Asset.ref(name=self.state_asset)]
+
+    def _without_store(self, exc: ValueError) -> None:
+        """Several watched assets and no ``state_asset``: keep the cursor in memory from now on."""
+        self.log.warning("the cursor is kept in memory only (a triggerer restart starts afresh): %s; pass "
+                         "state_asset=<name of one watched asset> to keep it in that asset's state store", exc)
+        self.asset_state_store = None
 
     async def _load_cursor(self) -> Cursor | None:
-        for accessor in self._accessors():
-            saved = await accessor.aget(self.state_key, None)
-            if isinstance(saved, dict):
-                self.log.info("resuming from the saved cursor (low %s)", saved.get("low"))
-                return Cursor.from_json(saved)
+        state = self._state()
+        try:
+            saved = await state.aget(self.state_key, None) if state is not None else None
+        except ValueError as exc:
+            self._without_store(exc)
+            saved = None
+        if isinstance(saved, dict):
+            self.log.info("resuming from the saved cursor (low %s)", saved.get("low"))
+            return Cursor.from_json(saved)
         return Cursor.since(self.since) if self.since else None
 
     async def _save_cursor(self, cursor: Cursor) -> None:
-        for accessor in self._accessors():
-            await accessor.aset(self.state_key, cursor.to_json())
+        state = self._state()
+        try:
+            if state is not None:
+                await state.aset(self.state_key, cursor.to_json())
+        except ValueError as exc:
+            self._without_store(exc)

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
 from airflow_provider_modmed.client import auth as auth_mod
@@ -24,7 +25,8 @@ from airflow_provider_modmed.client.bulk import (
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.errors import CapabilityError
 from airflow_provider_modmed.hooks.modmed import ModMedHook
-from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperator, run_folder_name
+from airflow_provider_modmed.operators._common import safe_segment
+from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperator
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from airflow_provider_modmed.triggers.bulk_export import ModMedBulkExportTrigger
 
@@ -129,7 +131,7 @@ def test_dag_runs_the_deferrable_export_through_the_trigger(bsb: SandboxServer, 
     assert cohort is not None
     members = {m["entity"]["reference"].split("/")[1] for m in cohort.body["member"]}
     assert set(stored_ids(group, "Patient")) == members and group["output"]["Patient"]["count"] == len(members)
-    assert group["run_folder"].endswith(f"/{run_folder_name(run.run_id, 'deferred_group_export')}")
+    assert group["run_folder"].endswith(f"/{safe_segment(run.run_id)}/deferred_group_export")
     worker = results["worker_patient_export"]
     assert sorted(stored_ids(worker, "Patient")) == sorted(live_ids(bsb, "Patient"))
     assert len(json.dumps(group)) < 2000 and "resourceType" not in json.dumps(group)  # a small XCom
@@ -184,11 +186,32 @@ def test_trigger_event_for_a_gone_job_and_on_kill_cancels(bsb: SandboxServer, tm
 # -- pre-flight, kill, timeout, retry ------------------------------------------------------------
 
 def test_proprietary_connection_fails_before_any_network_call(bsb: SandboxServer, tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
     before = bsb.stats().get("requests", 0)
-    with pytest.raises(CapabilityError, match="certified"):
+    with pytest.raises(AirflowFailException, match="certified") as failed:  # no retry is spent on it
         operator(tmp_path, modmed_conn_id="modmed_default").execute(context())
+    assert isinstance(failed.value.__cause__, CapabilityError)
     assert bsb.stats().get("requests", 0) == before
     assert not list(tmp_path.iterdir())  # nothing written either
+
+
+def test_a_type_not_readable_on_the_certified_track_fails_pre_flight(bsb: SandboxServer, tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    before = bsb.stats().get("requests", 0)
+    with pytest.raises(AirflowFailException, match="ChargeItem is not readable on the certified track") as failed:
+        operator(tmp_path, types="Patient,ChargeItem", lenient=True).execute(context())
+    assert isinstance(failed.value.__cause__, CapabilityError)
+    assert bsb.stats().get("requests", 0) == before and not list(tmp_path.iterdir())
+
+
+def test_a_bad_output_folder_fails_without_retries(bsb: SandboxServer) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="must be absolute"):
+        ModMedBulkExportOperator(task_id="export", modmed_conn_id="modmed_certified",
+                                 output_folder="relative/folder").execute(context())
 
 
 def test_on_kill_cancels_and_a_retry_kicks_off_anew(bsb: SandboxServer, tmp_path: Path) -> None:
@@ -246,14 +269,21 @@ def test_killed_mid_download_then_retried(bsb: SandboxServer, tmp_path: Path, mo
     assert not list(tmp_path.rglob("*.part"))
 
 
-def test_error_policy_fail_keeps_the_files(bsb: SandboxServer, tmp_path: Path) -> None:
-    op = operator(tmp_path, types="Patient,ChargeItem", lenient=True, deferrable=False)
-    with pytest.raises(ExportErrorsReported, match="not-supported"):
+def test_error_policy_fail_keeps_the_files(bsb: SandboxServer, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a token whose scopes cover Patient only: the server skips Immunization and says so in an error file
+    narrow = json.loads(json.dumps(bsb.credentials["airflow_connections"]["modmed_certified"]))
+    narrow["extra"]["scope"] = "system/Patient.read"
+    monkeypatch.setenv("AIRFLOW_CONN_MODMED_CERTIFIED_NARROW", json.dumps(narrow))
+    types = "Patient,Immunization"
+    op = operator(tmp_path, modmed_conn_id="modmed_certified_narrow", types=types, deferrable=False)
+    with pytest.raises(ExportErrorsReported, match="forbidden"):
         op.execute(context())
     errors = list(tmp_path.rglob("error/OperationOutcome.0001.ndjson"))
     assert len(errors) == 1 and list(tmp_path.rglob("output/Patient.0001.ndjson"))
+    assert not list(tmp_path.rglob("output/Immunization.*"))
     # the retry does not export again; the policy still applies; "warn" accepts the partial export
-    assert operator(tmp_path, types="Patient,ChargeItem", lenient=True,
+    assert operator(tmp_path, modmed_conn_id="modmed_certified_narrow", types=types,
                     error_policy="warn").execute(context())["errors"]["fatal"] == 1
 
 
@@ -274,8 +304,11 @@ def test_lineage_names_types_and_folders(bsb: SandboxServer, tmp_path: Path) -> 
     op = operator(tmp_path, types="Patient", deferrable=False)
     result = op.execute(context())
     inputs, outputs = op.lineage_datasets()
-    assert inputs == [(inputs[0][0], "/certified/apiportal/fhir/r4/Patient")]
-    assert outputs == [("file", f"{result['run_folder']}/output/Patient")]
+    port = httpx.URL(bsb.credentials["api_url"]).port
+    # the namespace every ModMed operator uses: one per practice
+    assert inputs == [(f"modmed://127.0.0.1:{port}/apiportal", "Patient")]
+    assert outputs == [("file", f"{tmp_path}/manual__2026-01-01T00_00_00_00_00/export/output/Patient")]
+    assert result["run_folder"] == f"file://{tmp_path}/manual__2026-01-01T00_00_00_00_00/export"
 
 
 # -- the example DAG: a nightly incremental chain --------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modmed.client.changes import parse_instant_ms
+from airflow_provider_modmed.client.instants import instant_ms
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
@@ -45,7 +45,7 @@ def test_appointment_example_syncs_its_interval_once(sb: SandboxServer, run_dag:
     store.update({**row.body, "status": "arrived"})
     sb.reset_faults()
     truth = {r["id"]: int(r["versionId"]) for r in store.ground_truth("Appointment")
-             if int(start.timestamp() * 1000) <= parse_instant_ms(r["lastUpdated"]) < int(end.timestamp() * 1000)}
+             if int(start.timestamp() * 1000) <= instant_ms(r["lastUpdated"]) < int(end.timestamp() * 1000)}
     assert set(ids) <= set(truth) and truth[ids[0]] == 2
     conf = {"output_base": f"file://{tmp_path}/out", "warehouse": str(tmp_path / "warehouse.sqlite3")}
 

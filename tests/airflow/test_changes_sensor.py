@@ -11,16 +11,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modmed.client.changes import format_instant
+from airflow_provider_modmed.client.instants import format_instant, now_ms
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 
 DAGS = Path(__file__).parent / "dags" / "changes_sensor_dags.py"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def create_patient(sb: SandboxServer, name: str) -> str:

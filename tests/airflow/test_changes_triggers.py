@@ -16,17 +16,14 @@ import pytest
 from airflow.sdk.serde import deserialize, serialize
 from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_modmed.client.changes import Cursor, format_instant
+from airflow_provider_modmed.client.changes import Cursor
+from airflow_provider_modmed.client.instants import format_instant, now_ms
 from airflow_provider_modmed.errors import ServerError
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from airflow_provider_modmed.triggers import changes as trig
 from airflow_provider_modmed.triggers.changes import ModMedChangesEventTrigger, ModMedChangesTrigger
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def create_patient(sb: SandboxServer, name: str = "Changes") -> str:

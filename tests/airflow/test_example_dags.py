@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modmed.client.instants import instant_ms
 from airflow_provider_modmed.sandbox.server import SandboxServer
-from airflow_provider_modmed.sandbox.store import parse_instant_ms
 from tests.airflow.conftest import sandbox_connections
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
@@ -212,7 +212,7 @@ def test_incremental_sync_writes_exactly_the_data_interval(sandbox: SandboxServe
         update_at(sandbox, "Patient", rid, when)
     truth = sandbox.app_state.store.ground_truth("Patient")
     expected = {r["id"] for r in truth if not r["deleted"]
-                and start <= datetime.fromtimestamp(parse_instant_ms(r["lastUpdated"]) / 1000, timezone.utc) < end}
+                and start <= datetime.fromtimestamp(instant_ms(r["lastUpdated"]) / 1000, timezone.utc) < end}
     assert {"2", "3"} <= expected and not {"1", "4"} & expected
     capfd.readouterr()
 

@@ -4,21 +4,17 @@ These are the figures docs/change-detection.md states."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from airflow_provider_modmed.client.changes import ChangeQuery, Cursor, PollResult, poll_changes, utc_day
+from airflow_provider_modmed.client.changes import ChangeQuery, Cursor, PollResult, poll_changes
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import FhirClient
+from airflow_provider_modmed.client.instants import now_ms, utc_day
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @pytest.fixture(scope="module")

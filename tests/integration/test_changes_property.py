@@ -33,11 +33,11 @@ from airflow_provider_modmed.client.changes import (
     PollResult,
     Strategy,
     apoll_changes,
-    parse_instant_ms,
     poll_changes,
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
+from airflow_provider_modmed.client.instants import instant_ms
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ LOOKBACK_MS = 400
 PAGE_SIZE = 2
 DAY_MS = 86_400_000
 #: every example gets days of its own, far from the seed data and from each other
-FIRST_DAY = parse_instant_ms("2031-01-01T00:00:00Z")
+FIRST_DAY = instant_ms("2031-01-01T00:00:00Z")
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -277,7 +277,7 @@ def test_data_interval_windows_partition_changes(world: World, case_id: str, ste
             assert world.case is not None and window.high_ms is not None
             world.focus = [r["id"] for r in world.sb.app_state.store.ground_truth(world.case.resource_type)
                            if r["id"] in world.written
-                           and window.low_ms <= parse_instant_ms(r["lastUpdated"]) < window.high_ms]
+                           and window.low_ms <= instant_ms(r["lastUpdated"]) < window.high_ms]
             result = world.poll(window, use_async, writes)
             world.focus = []
             assert result.cursor.low_ms == window.low_ms  # a window never advances

@@ -31,6 +31,7 @@ from airflow_provider_modmed.client.bulk import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
+from airflow_provider_modmed.errors import CapabilityError
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -153,22 +154,31 @@ def test_incremental_chain_since_and_deleted_entries(sb: SandboxServer, client: 
     assert second["transaction_time"] > first["transaction_time"]
 
 
-def test_error_files_are_kept_and_the_policy_applies(sb: SandboxServer, client: BulkExportClient,
-                                                     tmp_path: Path) -> None:
-    # ChargeItem is not on the certified API: the sandbox skips it (lenient) and says so in an error file;
-    # _typeFilter is not supported: a warning
-    request = ExportRequest(types=("Patient", "Immunization", "ChargeItem"),
+def test_error_files_are_kept_and_the_policy_applies(sb: SandboxServer, tmp_path: Path) -> None:
+    # the token's scopes leave Observation out: the sandbox skips it and says so in an error file;
+    # _typeFilter is not supported: a warning (lenient)
+    scope = "system/Patient.read system/Immunization.read"
+    request = ExportRequest(types=("Patient", "Immunization", "Observation"),
                             type_filters=("Immunization?status=completed",), lenient=True)
-    result = client.export(request, tmp_path)
+    with FhirClient(cert_config(sb, scope=scope)) as fhir:
+        result = BulkExportClient(fhir, poll=FAST).export(request, tmp_path)
     assert set(result["output"]) == {"Patient", "Immunization"}
     errors = result["errors"]
-    assert errors["by_code"] == {"not-supported": 2}
+    assert errors["by_code"] == {"forbidden": 1, "not-supported": 1}
     assert errors["by_severity"] == {"error": 1, "warning": 1} and errors["fatal"] == 1
     assert errors["files"] == ["error/OperationOutcome.0001.ndjson"]
     assert (tmp_path / errors["files"][0]).exists()
-    with pytest.raises(ExportErrorsReported, match="not-supported=2"):
+    with pytest.raises(ExportErrorsReported, match="forbidden=1"):
         apply_error_policy(result, "fail")
     apply_error_policy(result, "warn")
+
+
+def test_a_type_not_readable_on_the_certified_track_fails_pre_flight(sb: SandboxServer, client: BulkExportClient,
+                                                                    tmp_path: Path) -> None:
+    started = sb.stats().get("exports_started", 0)
+    with pytest.raises(CapabilityError, match="ChargeItem is not readable on the certified track"):
+        client.export(ExportRequest(types=("Patient", "ChargeItem"), lenient=True), tmp_path)
+    assert sb.stats().get("exports_started", 0) == started
 
 
 def test_cancel_then_the_job_is_gone(sb: SandboxServer, client: BulkExportClient) -> None:

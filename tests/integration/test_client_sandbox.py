@@ -11,7 +11,6 @@ import pytest
 
 from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
-from airflow_provider_modmed.client._flows import TRANSACTION_ID_SYSTEM
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import (
@@ -23,6 +22,7 @@ from airflow_provider_modmed.errors import (
     NotFoundError,
     ServerError,
 )
+from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration

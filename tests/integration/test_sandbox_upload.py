@@ -7,10 +7,12 @@ from typing import Any
 import httpx
 import pytest
 
-from airflow_provider_modmed.sandbox.fhir_api import PRESIGNED_EXT
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
+
+#: the extension of a Binary answer carrying the presigned URL, stated literally (not imported from profile.py)
+PRESIGNED_EXT = "https://www.modmed.com/fhir/StructureDefinition/presigned-url"
 
 
 @pytest.fixture

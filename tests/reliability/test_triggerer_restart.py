@@ -68,7 +68,7 @@ async def first_events(triggers: list[Any], timeout: float = 60) -> list[Any]:
 
 def test_triggerer_restarted_while_a_sensor_and_a_bulk_export_are_deferred(
         sb: SandboxServer, modmed_connections: Any, tmp_path: Path, figures: Figures) -> None:
-    from airflow_provider_modmed.client.changes import format_instant
+    from airflow_provider_modmed.client.instants import format_instant
     from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperator
     from airflow_provider_modmed.sensors.changes import ModMedChangesSensor
 

@@ -204,7 +204,7 @@ def run_triggers(sb: SandboxServer, tmp: Path) -> None:
 
     from airflow.sdk.exceptions import TaskDeferred
 
-    from airflow_provider_modmed.client.changes import format_instant
+    from airflow_provider_modmed.client.instants import format_instant
     from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperator
     from airflow_provider_modmed.sensors.changes import ModMedChangesSensor
 

@@ -1,13 +1,13 @@
-"""The change-detection core without a network: time math, query building per track, the de-duplicating
-tracker and cursor, and the poll flow fed by hand by a tiny in-memory server that can reorder or shrink
-its result set between pages."""
+"""The change-detection core without a network: query building, the cursor over the window module's
+tracker, and the poll flow fed by hand by a tiny in-memory server that can reorder or shrink its result
+set between pages. (Instants: test_instants.py; windows, strategy and the tracker: test_window.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -23,73 +23,27 @@ from airflow_provider_modmed.client.changes import (
     InconsistentPagingError,
     PollResult,
     Strategy,
-    Tracker,
     advance,
     changes_json,
-    format_instant,
-    is_newer,
-    last_updated_params,
     paging_consistent,
-    parse_instant_ms,
     poll,
-    utc_day,
 )
+from airflow_provider_modmed.client.instants import format_instant, instant_ms, parse_bound_ms
 from airflow_provider_modmed.errors import CapabilityError, ConfigurationError, ModMedError
 
 PROP_BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
 CERT_BASE = "https://apiportal.mmi.prod.fhir.ema-api.com/fhir/r4"
 PROP = FhirContext(Track.PROPRIETARY, PROP_BASE)
 CERT = FhirContext(Track.CERTIFIED, CERT_BASE)
-T0 = parse_instant_ms("2026-03-10T23:59:59.990Z")
+T0 = instant_ms("2026-03-10T23:59:59.990Z")
 
 
-# -- time ------------------------------------------------------------------------------------------
+# -- query building per strategy (the window's query itself: test_window.py) -------------------------
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2026-03-10T23:59:59.990Z", T0),
-    ("2026-03-10T23:59:59.9901234Z", T0),              # ModMed's 7 fraction digits: floored to the ms
-    ("2026-03-11T00:59:59.990+01:00", T0),
-    ("2026-03-10T18:59:59.990-0500", T0),
-    ("2026-03-10T23:59:59.99Z", T0),
-    ("2026-03-11", parse_instant_ms("2026-03-11T00:00:00Z")),
-])
-def test_instants_parse_to_epoch_ms(text: str, expected: int) -> None:
-    assert parse_instant_ms(text) == expected
-
-
-def test_instant_round_trip_and_other_inputs() -> None:
-    assert format_instant(T0) == "2026-03-10T23:59:59.990Z"
-    assert parse_instant_ms(format_instant(T0 + 11)) == T0 + 11
-    assert parse_instant_ms(datetime(2026, 3, 10, 23, 59, 59, 990999, tzinfo=timezone.utc)) == T0
-    assert parse_instant_ms(date(2026, 3, 11)) == T0 + 10
-    assert parse_instant_ms(T0) == T0
-    assert utc_day(T0) == date(2026, 3, 10) and utc_day(T0 + 10) == date(2026, 3, 11)
-    for bad in ("yesterday", "2026-13-01", "", True):
-        with pytest.raises(ConfigurationError):
-            parse_instant_ms(bad)  # type: ignore[arg-type]
-
-
-# -- query building per strategy ---------------------------------------------------------------------
-
-def test_certified_asks_full_precision_instants() -> None:
-    assert last_updated_params(Strategy.INSTANT, Cursor(T0)) == [("_lastUpdated", "ge2026-03-10T23:59:59.990Z")]
-    assert last_updated_params(Strategy.INSTANT, Cursor(T0, T0 + 20)) == [
-        ("_lastUpdated", "ge2026-03-10T23:59:59.990Z"), ("_lastUpdated", "lt2026-03-11T00:00:00.010Z")]
-
-
-def test_proprietary_asks_whole_days_with_gt_eq_le_only() -> None:
-    # open: everything from the start of the low bound's day on (gt the day before)
-    assert last_updated_params(Strategy.DAY, Cursor(T0)) == [("_lastUpdated", "gt2026-03-09")]
-    # a window inside one day: eq that day
-    assert last_updated_params(Strategy.DAY, Cursor(T0 - 5000, T0)) == [("_lastUpdated", "eq2026-03-10")]
-    # a window that crosses midnight: gt the day before the first, le the last
-    assert last_updated_params(Strategy.DAY, Cursor(T0, T0 + 20)) == [
+def test_a_cursor_asks_for_its_window() -> None:
+    assert Cursor(T0).window.query(Strategy.INSTANT) == [("_lastUpdated", "ge2026-03-10T23:59:59.990Z")]
+    assert Cursor(T0, T0 + 20).window.query(Strategy.DAY) == [
         ("_lastUpdated", "gt2026-03-09"), ("_lastUpdated", "le2026-03-11")]
-    # a window ending exactly at midnight does not ask for the next day
-    midnight = parse_instant_ms("2026-03-11T00:00:00Z")
-    assert last_updated_params(Strategy.DAY, Cursor(midnight - 3_600_000, midnight)) == [
-        ("_lastUpdated", "eq2026-03-10")]
-    assert last_updated_params(Strategy.SCAN, Cursor(T0)) == []
 
 
 def test_strategy_comes_from_track_and_capability_matrix() -> None:
@@ -144,60 +98,53 @@ def test_cursor_json_round_trip_and_validation() -> None:
     assert fresh.baseline and fresh.low_ms < T0 - 1000
 
 
-def test_versions_compare_numerically_and_stale_versions_are_not_news() -> None:
-    assert is_newer(Change("1", "10", T0), ("9", T0))
-    assert not is_newer(Change("1", "9", T0 + 5), ("10", T0))   # a stale replica
-    assert not is_newer(Change("1", "3", T0), ("3", T0))
-    assert is_newer(Change("1", "b", T0 + 1), ("a", T0))         # opaque versions: by lastUpdated
-    assert not is_newer(Change("1", "b", T0 - 1), ("a", T0))
-
-
-def test_tracker_filters_exactly_and_deduplicates_by_id_and_version() -> None:
-    tracker = Tracker(Cursor(T0, None, {"1": ("2", T0 + 1)}), lookback_ms=10)
+def test_a_cursor_tracker_knows_what_the_cursor_has_seen() -> None:
+    cursor = Cursor(T0, None, {"1": ("2", T0 + 1)})
+    tracker = cursor.tracker()
     assert not tracker.offer(Change("0", "1", T0 - 1))           # before the window
     assert tracker.offer(Change("0", "1", T0))                   # the boundary itself is in
     assert not tracker.offer(Change("1", "2", T0 + 1))           # already reported
     assert tracker.offer(Change("1", "3", T0 + 1))               # same ms, new version
-    assert tracker.offer(Change("2", "1", T0 + 1))               # same ms, another id
-    assert not tracker.offer(Change("2", "1", T0 + 1))           # twice in one poll
-    assert [c.id for c in tracker.new] == ["0", "1", "2"]
-    nxt = tracker.next_cursor()
+    nxt = cursor.after(tracker, 10)
     assert nxt.low_ms == T0
-    assert set(nxt.seen) == {"0", "1", "2"}
+    assert set(nxt.seen) == {"0", "1"}
 
 
 def test_open_cursor_advances_to_lookback_before_the_latest_change_and_prunes_seen() -> None:
-    tracker = Tracker(Cursor(T0, None, {"old": ("1", T0)}), lookback_ms=100)
+    cursor = Cursor(T0, None, {"old": ("1", T0)})
+    tracker = cursor.tracker()
     tracker.offer(Change("a", "1", T0 + 1000))
-    nxt = tracker.next_cursor()
+    nxt = cursor.after(tracker, 100)
     assert nxt.low_ms == T0 + 900 and set(nxt.seen) == {"a"}
     # an inconsistent poll keeps the lower bound (the range is read again) and prunes nothing
-    again = Tracker(Cursor(T0, None, {"old": ("1", T0)}), lookback_ms=100)
+    again = cursor.tracker()
     again.offer(Change("a", "1", T0 + 1000))
-    assert again.next_cursor(consistent=False).low_ms == T0
+    assert cursor.after(again, 100, consistent=False).low_ms == T0
     # the client's clock caps the advance: a record stamped in the future cannot push the watermark
-    capped = Tracker(Cursor(T0), lookback_ms=100, now_ms=T0 + 500)
+    capped = Cursor(T0).tracker()
     capped.offer(Change("f", "1", T0 + 86_400_000))
-    assert capped.next_cursor().low_ms == T0 + 400
+    assert Cursor(T0).after(capped, 100, now_ms=T0 + 500).low_ms == T0 + 400
     # a caller that knows more (a shared snapshot's next low) may lift it further
-    assert Tracker(Cursor(T0), 100).next_cursor(at_least_ms=T0 + 50).low_ms == T0 + 50
+    assert Cursor(T0).after(Cursor(T0).tracker(), 100, at_least_ms=T0 + 50).low_ms == T0 + 50
     assert advance(Cursor(T0, None, {"x": ("1", T0 + 1)}), T0 + 2).seen == {}
 
 
 def test_baseline_records_without_reporting() -> None:
-    tracker = Tracker(Cursor(T0, baseline=True), lookback_ms=0)
+    cursor = Cursor(T0, baseline=True)
+    tracker = cursor.tracker()
     assert not tracker.offer(Change("a", "1", T0 + 5))
-    nxt = tracker.next_cursor()
+    nxt = cursor.after(tracker, 0)
     assert not nxt.baseline and nxt.seen == {"a": ("1", T0 + 5)}
-    follow = Tracker(nxt, 0)
+    follow = nxt.tracker()
     assert not follow.offer(Change("a", "1", T0 + 5)) and follow.offer(Change("a", "2", T0 + 6))
 
 
 def test_window_cursor_never_advances() -> None:
-    tracker = Tracker(Cursor(T0, T0 + 100), lookback_ms=10)
+    cursor = Cursor(T0, T0 + 100)
+    tracker = cursor.tracker()
     assert tracker.offer(Change("a", "1", T0 + 99))
     assert not tracker.offer(Change("b", "1", T0 + 100))        # the end is exclusive
-    assert tracker.next_cursor().low_ms == T0
+    assert cursor.after(tracker, 10).low_ms == T0
     with pytest.raises(ConfigurationError):
         advance(Cursor(T0, T0 + 100), T0 + 100)
 
@@ -210,15 +157,7 @@ def test_paging_consistency_rule() -> None:
     assert not paging_consistent([4, 4], 3)      # something moved past the read position
 
 
-def test_change_of_a_resource() -> None:
-    res = {"resourceType": "Patient", "id": "7", "meta": {"versionId": "3", "lastUpdated": "2026-03-10T23:59:59.990Z"}}
-    assert Change.of(res) == Change("7", "3", T0)
-    assert Change.of({**res, "meta": {"lastUpdated": "2026-03-10T23:59:59.990Z"}}).version_id == f"@{T0}"
-    with pytest.raises(ModMedError, match=r"no meta\.lastUpdated"):
-        Change.of({"resourceType": "Patient", "id": "7"})
-    with pytest.raises(ModMedError, match="no id"):
-        Change.of({"resourceType": "Patient", "meta": res["meta"]})
-    assert Change.from_row(Change("7", "3", T0).to_row()) == Change("7", "3", T0)
+def test_changes_json_is_capped() -> None:
     listed, cut = changes_json([Change(str(i), "1", T0) for i in range(3)], limit=2)
     assert len(listed) == 2 and cut and listed[0] == {"id": "0", "versionId": "1", "lastUpdated": format_instant(T0)}
 
@@ -250,7 +189,7 @@ class FakeServer:
         low, high = 0, 2**62
         for value in params.get_list("_lastUpdated"):
             prefix, text = value[:2], value[2:]
-            start = parse_instant_ms(text)
+            start = parse_bound_ms(text)
             end = start + (86_400_000 if len(text) == 10 else 1)
             if prefix in ("gt",):
                 low = max(low, end)

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modmed.client.changes import Change, Cursor, PollResult, Strategy, parse_instant_ms
+from airflow_provider_modmed.client.changes import Change, Cursor, PollResult, Strategy
+from airflow_provider_modmed.client.instants import instant_ms
 from airflow_provider_modmed.errors import ConfigurationError
 from airflow_provider_modmed.triggers import changes as trig
 from airflow_provider_modmed.triggers.changes import ModMedChangesEventTrigger, ModMedChangesTrigger
 
-T0 = parse_instant_ms("2026-05-04T10:00:00Z")
+T0 = instant_ms("2026-05-04T10:00:00Z")
 
 
 def test_sensor_trigger_serializes_its_cursor_as_plain_json() -> None:

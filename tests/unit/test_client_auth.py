@@ -31,7 +31,13 @@ from airflow_provider_modmed.client.auth import (
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.retry import TOKEN_REQUEST
-from airflow_provider_modmed.errors import AuthError, ConfigurationError, ForbiddenError, ServerError
+from airflow_provider_modmed.errors import (
+    AuthError,
+    ConfigurationError,
+    ForbiddenError,
+    RateLimitedError,
+    ServerError,
+)
 
 BASE = "https://api.example/ema-dev/firm/apiportal/ema/fhir/v2"
 GRANT = "https://api.example/ema-dev/firm/apiportal/ema/ws/oauth2/grant"
@@ -157,6 +163,8 @@ def test_known_expiry_is_renewed_before_it_runs_out() -> None:
     (401, {"error": "invalid_grant", "error_description": "bad password"}, AuthError),
     (400, {"error": "invalid_request"}, AuthError),
     (403, {"message": "Forbidden"}, ForbiddenError),
+    (404, b"", AuthError),
+    (429, b"", RateLimitedError),
     (503, b"<html>down</html>", ServerError),
 ])
 def test_token_endpoint_failures_are_typed_without_secrets(status: int, body: Any, cls: type) -> None:
@@ -448,6 +456,49 @@ async def test_async_flow_by_hand_matches_sync() -> None:
     assert call.headers["Authorization"] == "Bearer T9"
     with pytest.raises(StopAsyncIteration):
         await flow.asend(httpx.Response(200))
+
+
+def test_token_requests_carry_the_client_headers_and_timeout_of_the_request_that_needed_them() -> None:
+    auth = smart_secret_auth_for_headers()
+    fhir_request = httpx.Client(headers={"User-Agent": "ua/1", "Accept-Encoding": "gzip"}, timeout=7).build_request(
+        "GET", f"{CERT_BASE}/Patient/1")
+
+    def answer(r: httpx.Request) -> httpx.Response:
+        if r.url.path.endswith("smart-configuration"):
+            return httpx.Response(200, json={"token_endpoint": CERT_TOKEN})
+        return token("T1") if str(r.url) == CERT_TOKEN else httpx.Response(200)
+
+    discovery, grant, call = walk(auth, fhir_request, answer)
+    for made_by_the_flow in (discovery, grant):
+        assert made_by_the_flow.headers["User-Agent"] == "ua/1"
+        assert made_by_the_flow.headers["Accept-Encoding"] == "gzip"
+        assert made_by_the_flow.headers["Accept"] == "application/json"  # the flow's own header is kept
+        assert made_by_the_flow.extensions["timeout"] == fhir_request.extensions["timeout"]
+    assert call.headers["Authorization"] == "Bearer T1"
+
+
+def smart_secret_auth_for_headers() -> SmartBackendAuth:
+    return SmartBackendAuth(CERT_BASE, "client", client_secret="s", scope=None)
+
+
+async def test_the_async_driver_releases_the_lock_when_the_token_request_fails() -> None:
+    auth = password_auth()
+    flow = auth.async_auth_flow(httpx.Request("GET", f"{BASE}/x"))
+    await flow.__anext__()  # the grant: the renewal lock is held now
+    with pytest.raises(AuthError):
+        await flow.asend(httpx.Response(401, json={"error": "invalid_grant"}))
+    assert not auth.cache.async_lock().locked()
+    flow = auth.async_auth_flow(httpx.Request("GET", f"{BASE}/x"))
+    assert str((await flow.__anext__()).url) == GRANT  # not blocked: the next call renews
+
+
+def test_the_sync_driver_releases_the_lock_when_closed_mid_renewal() -> None:
+    auth = password_auth()
+    flow = auth.sync_auth_flow(httpx.Request("GET", f"{BASE}/x"))
+    next(flow)  # the grant: the renewal lock is held now
+    assert auth.cache.thread_lock.locked()
+    flow.close()  # httpx closes the flow when sending the grant fails
+    assert not auth.cache.thread_lock.locked()
 
 
 

@@ -20,7 +20,7 @@ from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import bulk
 from airflow_provider_modmed.client import limiter as limiter_mod
-from airflow_provider_modmed.client._flows import FhirContext, Sleep
+from airflow_provider_modmed.client._flows import FhirContext
 from airflow_provider_modmed.client.auth import NO_CREDENTIALS
 from airflow_provider_modmed.client.bulk import (
     AsyncBulkExportClient,
@@ -40,12 +40,14 @@ from airflow_provider_modmed.client.bulk import (
     VerificationError,
 )
 from airflow_provider_modmed.client.config import ClientConfig
+from airflow_provider_modmed.client.drivers import Sleep
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import (
     AuthError,
     CapabilityError,
     ConfigurationError,
     ServerError,
+    TransportError,
     ValidationError,
 )
 
@@ -629,6 +631,45 @@ def test_kick_off_is_sent_once_even_on_5xx(tmp_path: Path) -> None:
     assert calls["export"] == 1
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_a_kick_off_without_answer_is_not_resent(face: str) -> None:
+    calls = {"export": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if str(request.url) == TOKEN_URL:
+            return httpx.Response(200, json={"access_token": TOKEN, "token_type": "bearer"})
+        calls["export"] += 1
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    config = cert_config().__class__(**{**cert_config().__dict__, "max_retries": 5})
+    if face == "sync":
+        with FhirClient(config, transport=httpx.MockTransport(handler), sleep=lambda s: None) as fhir, \
+                pytest.raises(TransportError, match=r"ReadTimeout.*not resent"):
+            BulkExportClient(fhir).kick_off(ExportRequest())
+    else:
+        async def no_sleep(_: float) -> None:
+            return None
+
+        async with AsyncFhirClient(config, transport=httpx.MockTransport(handler), sleep=no_sleep) as afhir:
+            with pytest.raises(TransportError, match=r"ReadTimeout.*not resent"):
+                await AsyncBulkExportClient(afhir).kick_off(ExportRequest())
+    assert calls["export"] == 1
+
+
+def test_the_restart_policy_counts_in_the_state_file(tmp_path: Path) -> None:
+    run = ExportRun(tmp_path, ExportRequest())
+    run.kicked_off(f"{BASE}/status/1")
+    run.restart_if_allowed(1, "job gone")  # the one allowed restart: the job and its files are forgotten
+    assert run.state.stage == "new" and run.state.status_url is None and run.state.restarts == 1
+    run.restart_if_allowed(1, "no saved status URL", count=False)  # not counted
+    run.kicked_off(f"{BASE}/status/2")
+    gone = ExportGoneError("bulk export status: gone", status_code=410)
+    with pytest.raises(ExportGoneError, match=r"max_restarts=1 kick-offs were already made") as err:
+        ExportRun(tmp_path, ExportRequest()).restart_if_allowed(1, gone)  # read back from disk
+    assert err.value.status_code == 410 and err.value.__cause__ is gone
+    assert json.loads((tmp_path / "_state/export.json").read_text())["status_url"] == f"{BASE}/status/2"
+
+
 class Tracker:
     """Flows for Parallel: counts how many run at once and how many were taken from the iterable."""
 
@@ -657,22 +698,29 @@ class Tracker:
 
 def test_parallel_is_bounded_lazy_and_keeps_only_failures(server: FakeBulkServer) -> None:
     fhir = FhirClient(cert_config(), transport=httpx.MockTransport(server), sleep=time.sleep)
-    client = BulkExportClient(fhir, download=DownloadPolicy(concurrency=3))
     tracker = Tracker()
-    failures = client.run(_parallel_flow(tracker.flows(30, failing=7)))
+    failures = fhir.run(_parallel_flow(tracker.flows(30, failing=7), limit=3))
     assert [str(f) for f in failures] == ["file 7 failed"]
     assert tracker.created == 30 and 1 < tracker.peak <= 3
 
 
 async def test_async_parallel_is_bounded_and_keeps_only_failures(server: FakeBulkServer) -> None:
     async with AsyncFhirClient(cert_config(), transport=httpx.MockTransport(server)) as fhir:
-        client = AsyncBulkExportClient(fhir, download=DownloadPolicy(concurrency=2))
         tracker = Tracker()
-        failures = await client.run(_parallel_flow(tracker.flows(12, failing=0)))
+        failures = await fhir.run(_parallel_flow(tracker.flows(12, failing=0), limit=2))
     assert [str(f) for f in failures] == ["file 0 failed"]
     assert tracker.created == 12 and 1 < tracker.peak <= 2
 
 
-def _parallel_flow(flows: Iterator[Any]) -> Any:
-    failures = yield bulk.Parallel(flows)
+def _parallel_flow(flows: Iterator[Any], limit: int) -> Any:
+    failures = yield bulk.Parallel(flows, limit)
     return failures
+
+
+def test_downloads_run_download_concurrency_at_a_time(tmp_path: Path) -> None:
+    run = ExportRun(tmp_path, ExportRequest())
+    flow = bulk.finish(run, f"{BASE}/status/1", download=DownloadPolicy(concurrency=3))
+    next(flow)  # the status poll
+    step = flow.send(httpx.Response(200, json={"transactionTime": "2024-05-01T10:00:00Z", "requiresAccessToken": False,
+                                               "output": [{"type": "Patient", "url": f"{STORAGE}/p.ndjson"}]}))
+    assert isinstance(step, bulk.Parallel) and step.limit == 3

@@ -9,14 +9,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from airflow_provider_modmed.capabilities import Track
-from airflow_provider_modmed.client.config import (
-    AuthMethod,
-    ClientConfig,
-    certified_fhir_base,
-    is_loopback,
-    proprietary_fhir_base,
-)
+from airflow_provider_modmed.client.config import AuthMethod, ClientConfig, is_loopback
 from airflow_provider_modmed.errors import ConfigurationError
+from airflow_provider_modmed.profile import certified_fhir_base, proprietary_fhir_base
 
 BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
 CERT = "https://apiportal.mmi.prod.fhir.ema-api.com/fhir/r4"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from airflow_provider_modmed.capabilities import Track
-from airflow_provider_modmed.client._flows import Emit, FhirContext
+from airflow_provider_modmed.client._flows import FhirContext
 from airflow_provider_modmed.client.auth import NO_CREDENTIALS
 from airflow_provider_modmed.client.documents import (
     DOCUMENT_CATEGORY_SYSTEM,
@@ -25,6 +25,7 @@ from airflow_provider_modmed.client.documents import (
 )
 from airflow_provider_modmed.client.retry import SAFE_TO_RETRY
 from airflow_provider_modmed.errors import CapabilityError, ConfigurationError, ModMedError, ValidationError
+from tests.unit.test_client_writes import by_hand as run
 
 BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
 STORAGE = "https://storage.example.com/uploads/binary-{n}?X-Amz-Date=1&X-Amz-Signature=abc"
@@ -49,20 +50,6 @@ def binary(n: int) -> dict[str, Any]:
 def expired() -> httpx.Response:
     return httpx.Response(403, content=b"<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code>"
                                        b"<Message>Request has expired</Message></Error>")
-
-
-def run(flow: Any, answers: list[httpx.Response]) -> tuple[Any, list[httpx.Request]]:
-    requests: list[httpx.Request] = []
-    out: Any = None
-    while True:
-        try:
-            step = flow.send(out)
-        except StopIteration as done:
-            return done.value, requests
-        assert isinstance(step, httpx.Request), step  # the flow never emits
-        assert not isinstance(step, Emit)
-        requests.append(step)
-        out = answers.pop(0)
 
 
 def doc(**over: Any) -> DocumentUpload:

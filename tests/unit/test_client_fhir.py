@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -13,7 +14,7 @@ from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
-from airflow_provider_modmed.errors import CapabilityError, NotFoundError
+from airflow_provider_modmed.errors import CapabilityError, ConfigurationError, NotFoundError
 
 BASE = "https://api.example/ema-dev/firm/apiportal/ema/fhir/v2"
 GRANT = "https://api.example/ema-dev/firm/apiportal/ema/ws/oauth2/grant"
@@ -99,6 +100,7 @@ def explode(request: httpx.Request) -> httpx.Response:
     lambda c: c.delete("Encounter", "1"),
     lambda c: c.create({"resourceType": "Encounter"}),
     lambda c: c.read("NotAType", "1"),
+    lambda c: c.patch("ChargeItem", "1", {"status": "billed"}),
 ])
 def test_capability_preflight_sends_nothing(call: Any) -> None:
     with FhirClient(config(), transport=httpx.MockTransport(explode)) as c, pytest.raises(CapabilityError):
@@ -109,6 +111,8 @@ def test_capability_preflight_sends_nothing(call: Any) -> None:
     lambda c: c.read("Immunization", "1"),
     lambda c: c.search("Observation"),
     lambda c: c.update({"resourceType": "Coverage", "id": "1"}),
+    lambda c: c.patch("Encounter", "1", {"status": "finished"}),
+    lambda c: c.delete("Encounter", "1"),
 ])
 async def test_async_capability_preflight_sends_nothing(call: Any) -> None:
     async def attempt(c: AsyncFhirClient) -> None:
@@ -244,3 +248,74 @@ def test_token_calls_and_401_resends_spend_the_budget_but_storage_calls_do_not()
         with pytest.raises(AssertionError):  # the fake asserts an API key: the storage call carries none
             c.http.get("https://storage.example.org/upload?sig=1")
         assert len(spent) == 5
+
+
+# -- safe writes on both faces: a lost answer to a write that landed -------------------------------
+
+class LosingModMed(FakeModMed):
+    """FakeModMed with versioned Patient updates and deletes, losing the answer to the first write of
+    each kind after applying it (what a dropped connection does)."""
+
+    def __init__(self) -> None:
+        super().__init__(patients=3)
+        for p in self.patients.values():
+            p["meta"] = {"versionId": "1"}
+        self.lost: set[str] = set()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method not in ("PUT", "DELETE") or str(request.url) == GRANT:
+            return super().__call__(request)
+        self.requests.append(request)
+        rid = request.url.path.rsplit("/", 1)[-1]
+        current = self.patients.get(rid)
+        if request.method == "DELETE":
+            if current is None:
+                return httpx.Response(404, json={"resourceType": "OperationOutcome", "issue": []})
+            del self.patients[rid]
+            answer = httpx.Response(204)
+        elif request.headers.get("If-Match") != f'W/"{current["meta"]["versionId"]}"':
+            return httpx.Response(412, json={"resourceType": "OperationOutcome",
+                                             "issue": [{"severity": "error", "code": "conflict"}]})
+        else:
+            new = json.loads(request.content)
+            new["meta"] = {"versionId": str(int(current["meta"]["versionId"]) + 1)}
+            self.patients[rid] = new
+            answer = httpx.Response(200, json=new)
+        if request.method not in self.lost:
+            self.lost.add(request.method)
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        return answer
+
+
+def test_writes_survive_a_lost_answer_on_the_sync_face() -> None:
+    fake = LosingModMed()
+    with FhirClient(config(max_retries=2), transport=httpx.MockTransport(fake), sleep=lambda s: None) as c:
+        p = c.read("Patient", "1")
+        updated = c.update({**p, "gender": "female"}, if_match=p["meta"]["versionId"])
+        assert (updated["gender"], updated["meta"]["versionId"]) == ("female", "2")
+        result = c.patch("Patient", "1", {"gender": "male"})
+        assert (result.changed, result.previous_version_id, result.resource["meta"]["versionId"]) == (True, "2", "3")
+        assert c.delete("Patient", "2") is True  # the resend met 404: the lost first answer deleted it
+        assert c.delete("Patient", "2", missing_ok=True) is False
+        with pytest.raises(NotFoundError):
+            c.delete("Patient", "2")
+        with pytest.raises(ConfigurationError, match="if_match must be a version id"):
+            c.update(p, if_match="1, *")
+    assert [r.method for r in fake.requests if r.method in ("PUT", "DELETE")] == \
+        ["PUT", "PUT", "PUT", "DELETE", "DELETE", "DELETE", "DELETE"]
+
+
+async def test_writes_survive_a_lost_answer_on_the_async_face() -> None:
+    fake = LosingModMed()
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    async with AsyncFhirClient(config(max_retries=2), transport=httpx.MockTransport(fake), sleep=no_sleep) as c:
+        p = await c.read("Patient", "1")
+        updated = await c.update({**p, "gender": "female"}, if_match='W/"1"')
+        assert updated["meta"]["versionId"] == "2"
+        result = await c.patch("Patient", "1", lambda r: {**r, "gender": "female"})
+        assert result.changed is False and result.resource["meta"]["versionId"] == "2"
+        assert await c.delete("Patient", "3") is True
+    assert "3" not in fake.patients

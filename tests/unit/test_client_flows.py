@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from airflow_provider_modmed.capabilities import Capabilities, Track, Variant
+from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import _flows as flows
-from airflow_provider_modmed.client._flows import Emit, FhirContext, Sleep
-from airflow_provider_modmed.client.retry import SAFE_TO_RETRY, WHAT
+from airflow_provider_modmed.client._flows import Emit, FhirContext
+from airflow_provider_modmed.client.retry import WHAT
 from airflow_provider_modmed.errors import (
-    AuthError,
     CapabilityError,
     ConfigurationError,
-    ConflictError,
     ModMedError,
-    NotFoundError,
     ServerError,
-    ValidationError,
 )
 
 BASE = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
@@ -106,31 +100,16 @@ def test_non_string_id_is_refused() -> None:
         flows.read(PROP, "Patient", 12)  # type: ignore[arg-type]
 
 
-def test_update_names_the_bad_field() -> None:
-    with pytest.raises(ValueError, match=r"resource\['id'\]"):
-        flows.update(PROP, {"resourceType": "Patient", "id": "1/../../2"})
-
-
 # -- capability pre-flight -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("ctx", "call"), [
     (PROP, lambda c: flows.read(c, "Immunization", "1")),           # certified only
-    (CERT, lambda c: flows.create(c, {"resourceType": "Patient"})),  # certified is read-only
-    (PROP, lambda c: flows.update(c, {"resourceType": "ChargeItem", "id": "1"})),  # create-only
-    (PROP, lambda c: flows.update(c, {"resourceType": "Coverage", "id": "1"})),
     (PROP, lambda c: flows.search(c, "Nope")),
     (PROP, lambda c: flows.read(c, "Patient/../x", "1")),
-    (PROP, lambda c: flows.delete(c, "Appointment", "1")),
 ])
 def test_capability_preflight_raises_when_the_flow_is_built(ctx: FhirContext, call: Any) -> None:
     with pytest.raises(CapabilityError):
         call(ctx)
-
-
-def test_published_variant_allows_coverage_update() -> None:
-    ctx = FhirContext(Track.PROPRIETARY, BASE, Capabilities(Variant.PUBLISHED))
-    flow = flows.update(ctx, {"resourceType": "Coverage", "id": "1"})
-    assert next(flow).method == "PUT"
 
 
 # -- search and paging ---------------------------------------------------------------------------
@@ -238,102 +217,7 @@ def test_next_page_request_none_without_next() -> None:
     assert flows.next_page_request({}, BASE) is None
 
 
-# -- create / update / delete ----------------------------------------------------------------------
-
-def test_create_reads_back_an_empty_201_from_location() -> None:
-    answers = [
-        httpx.Response(201, headers={"Location": f"{BASE}/Organization/pay%7C9/_history/1"}),
-        httpx.Response(200, json={"resourceType": "Organization", "id": "pay|9"}),
-    ]
-    result, requests, _ = by_hand(flows.create(PROP, {"resourceType": "Organization", "name": "X"}), answers)
-    assert result["id"] == "pay|9"
-    post, get = requests
-    assert post.method == "POST"
-    assert post.headers["Content-Type"] == "application/fhir+json"
-    assert json.loads(post.content) == {"resourceType": "Organization", "name": "X"}
-    assert get.method == "GET"
-    assert get.url.raw_path.decode().endswith("/Organization/pay%7C9")
-
-
-def test_create_of_a_write_only_type_does_not_read_back() -> None:
-    answers = [httpx.Response(201, headers={"Location": "Composition/31/_history/1"})]
-    result, requests, _ = by_hand(flows.create(PROP, {"resourceType": "Composition"}), answers)
-    assert result == {"resourceType": "Composition", "id": "31"}
-    assert len(requests) == 1
-
-
-def test_create_relative_location() -> None:
-    answers = [httpx.Response(201, headers={"Location": "Patient/77/_history/1"}),
-               httpx.Response(200, json={"resourceType": "Patient", "id": "77"})]
-    result, _, _ = by_hand(flows.create(PROP, {"resourceType": "Patient"}), answers)
-    assert result["id"] == "77"
-
-
-def test_create_refuses_foreign_location() -> None:
-    with pytest.raises(ModMedError, match="outside"):
-        by_hand(flows.create(PROP, {"resourceType": "Patient"}),
-                [httpx.Response(201, headers={"Location": "https://evil.example/Patient/1"})])
-
-
-def test_create_with_body_returns_it_and_conditional_is_safe_to_retry() -> None:
-    flow = flows.create(PROP, {"resourceType": "Patient"}, if_none_exist={"identifier": "sys|1"})
-    req = next(flow)
-    assert req.headers["If-None-Exist"] == "identifier=sys%7C1"
-    assert req.extensions[SAFE_TO_RETRY] is True
-    with pytest.raises(StopIteration) as done:
-        flow.send(httpx.Response(200, json={"resourceType": "Patient", "id": "5"}))
-    assert done.value.value["id"] == "5"
-    assert next(flows.create(PROP, {"resourceType": "Patient"})).extensions[SAFE_TO_RETRY] is False
-
-
-def test_chargeitem_with_transaction_id_is_safe_to_retry() -> None:
-    charge = {"resourceType": "ChargeItem", "identifier": [
-        {"system": flows.TRANSACTION_ID_SYSTEM, "value": "tx-1"}]}
-    assert next(flows.create(PROP, charge)).extensions[SAFE_TO_RETRY] is True
-    charge["identifier"] = [{"system": "other", "value": "tx-1"}]
-    assert next(flows.create(PROP, charge)).extensions[SAFE_TO_RETRY] is False
-
-
-def test_update_sends_if_match_weak_etag() -> None:
-    for given, sent in [(3, 'W/"3"'), ("3", 'W/"3"'), ('W/"4"', 'W/"4"')]:
-        req = next(flows.update(PROP, {"resourceType": "Patient", "id": "1"}, if_match=given))
-        assert req.method == "PUT"
-        assert req.headers["If-Match"] == sent
-    assert "If-Match" not in next(flows.update(PROP, {"resourceType": "Patient", "id": "1"})).headers
-
-
-def test_update_conflict_is_typed() -> None:
-    flow = flows.update(PROP, {"resourceType": "Patient", "id": "1"}, if_match=1)
-    next(flow)
-    with pytest.raises(ConflictError) as err:
-        flow.send(httpx.Response(412, json=outcome("conflict", "version moved")))
-    assert err.value.status_code == 412
-    assert err.value.codes == ("conflict",)
-
-
-def test_delete() -> None:
-    result, requests, _ = by_hand(flows.delete(PROP, "Patient", "9"), [httpx.Response(204)])
-    assert result is None
-    assert requests[0].method == "DELETE"
-
-
 # -- errors ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("status", "cls"), [
-    (400, ValidationError), (401, AuthError), (404, NotFoundError), (409, ConflictError),
-    (422, ValidationError), (500, ServerError), (503, ServerError),
-])
-def test_errors_are_typed_and_carry_the_outcome_not_the_body(status: int, cls: type) -> None:
-    secret_body = {"resourceType": "Patient", "name": [{"family": "Secretname"}]}
-    flow = flows.create(PROP, secret_body)
-    next(flow)
-    with pytest.raises(cls) as err:
-        flow.send(httpx.Response(status, json=outcome("invalid", "name.family is bad")))
-    assert err.value.status_code == status
-    assert err.value.codes == ("invalid",)
-    assert "name.family is bad" in str(err.value)
-    assert "Secretname" not in str(err.value)
-
 
 @pytest.mark.parametrize("body", [b"<html>Bad Gateway</html>", b"", b"{not json",
                                   b"<Error><Code>AccessDenied</Code></Error>"])
@@ -351,64 +235,3 @@ def test_a_200_without_a_resource_is_an_error() -> None:
     next(flow)
     with pytest.raises(ModMedError, match="no FHIR resource"):
         flow.send(httpx.Response(200, content=b"<html/>"))
-
-
-# -- drivers ---------------------------------------------------------------------------------------
-
-def _sleepy_flow() -> flows.Flow[str]:
-    first = yield httpx.Request("GET", f"{BASE}/metadata")
-    assert (yield Sleep(1.5)) is None
-    second = yield httpx.Request("GET", f"{BASE}/metadata")
-    return f"{first.status_code}+{second.status_code}"
-
-
-def test_sync_driver() -> None:
-    slept: list[float] = []
-    answers = iter([httpx.Response(202), httpx.Response(200)])
-    assert flows.drive(_sleepy_flow(), lambda r: next(answers), slept.append) == "202+200"
-    assert slept == [1.5]
-
-
-async def test_async_driver_same_flow() -> None:
-    slept: list[float] = []
-    answers = iter([httpx.Response(202), httpx.Response(200)])
-
-    async def asend(request: httpx.Request) -> httpx.Response:
-        return next(answers)
-
-    async def asleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    assert await flows.adrive(_sleepy_flow(), asend, asleep) == "202+200"
-    assert slept == [1.5]
-
-
-def _pager() -> Iterator[httpx.Response]:
-    yield httpx.Response(200, json=bundle(["1", "2"], f"{BASE}/Patient?page=2"))
-    yield httpx.Response(200, json=bundle(["3"], f"{BASE}/Patient?page=3"))
-    yield httpx.Response(200, json=bundle([]))
-
-
-def test_iterate_and_aiterate_yield_the_same() -> None:
-    answers = _pager()
-    sync_ids = [r["id"] for r in flows.iterate(flows.search(PROP, "Patient"), lambda r: next(answers), print)]
-    assert sync_ids == ["1", "2", "3"]
-
-
-async def test_aiterate() -> None:
-    answers = _pager()
-
-    async def asend(request: httpx.Request) -> httpx.Response:
-        return next(answers)
-
-    async def asleep(seconds: float) -> None:
-        raise AssertionError
-
-    ids = [r["id"] async for r in flows.aiterate(flows.search(PROP, "Patient"), asend, asleep)]
-    assert ids == ["1", "2", "3"]
-
-
-def test_drive_refuses_emitting_flows() -> None:
-    answers = _pager()
-    with pytest.raises(TypeError):
-        flows.drive(flows.search(PROP, "Patient"), lambda r: next(answers), print)

@@ -10,7 +10,6 @@ import pytest
 
 from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
-from airflow_provider_modmed.client._flows import TRANSACTION_ID_SYSTEM
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.retry import (
@@ -27,6 +26,7 @@ from airflow_provider_modmed.errors import (
     TransportError,
     ValidationError,
 )
+from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
 
 BASE = "https://api.example/ema-dev/firm/apiportal/ema/fhir/v2"
 

@@ -1,19 +1,21 @@
-"""Shared operator helpers: masking of rendered values, JSON arguments, the _lastUpdated window and the
-NDJSON writer (Airflow-free, used by the search operator)."""
+"""Shared operator helpers: masking of rendered values, JSON arguments, lineage datasets. (The
+_lastUpdated window, instants and the NDJSON writer moved to the client: test_window.py,
+test_instants.py, test_ndjson.py.)"""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from airflow_provider_modmed.capabilities import DEFAULT, Track
-from airflow_provider_modmed.client.ndjson import LastUpdatedWindow, parse_instant, search_pairs, write_ndjson
 from airflow_provider_modmed.errors import ConfigurationError
-from airflow_provider_modmed.operators._common import MASK, masked_shape, parse_json_arg, storage_dataset
+from airflow_provider_modmed.operators._common import (
+    MASK,
+    ModMedBaseOperator,
+    masked_shape,
+    parse_json_arg,
+    storage_dataset,
+)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -48,52 +50,78 @@ def test_storage_dataset() -> None:
     assert storage_dataset("gs://bucket/a.ndjson") == ("gs://bucket", "a.ndjson")
 
 
-def test_search_pairs() -> None:
-    assert search_pairs("?family=a&given=b&given=c") == [("family", "a"), ("given", "b"), ("given", "c")]
-    assert search_pairs({"given": ["b", "c"], "x": None}) == [("given", "b"), ("given", "c")]
-    assert search_pairs([["a", 1]]) == [("a", "1")]
-    assert search_pairs(None) == [] and search_pairs("") == []
-    with pytest.raises(ConfigurationError):
-        search_pairs(["abc"])  # type: ignore[list-item]
+# -- patient data stays out of the rendered template fields (public Airflow API only) -------------
+
+class _PhiOperator(ModMedBaseOperator):
+    template_fields = ("modmed_conn_id", "note", "resource")
+    phi_template_fields = ("note", "resource")
+
+    def __init__(self, *, note: Any = None, resource: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.note = note
+        self.resource = resource
 
 
-def test_parse_instant() -> None:
-    utc = timezone.utc
-    assert parse_instant("2026-03-10T06:00:00.25Z") == datetime(2026, 3, 10, 6, 0, 0, 250000, tzinfo=utc)
-    assert parse_instant("2026-03-10T08:00:00+02:00") == datetime(2026, 3, 10, 6, tzinfo=utc)
-    assert parse_instant("2026-03-10") == datetime(2026, 3, 10, tzinfo=utc)
-    assert parse_instant(datetime(2026, 3, 10)) == datetime(2026, 3, 10, tzinfo=utc)
-    with pytest.raises(ConfigurationError):
-        parse_instant("soon")
+RESOURCE = {"resourceType": "Patient", "name": [{"family": "{{ params.f }}", "use": "official"}]}
 
 
-def test_window_bounds_are_half_open() -> None:
-    w = LastUpdatedWindow("2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z")
+def _stored(task: Any) -> str:
+    """What the task runner stores as the task's rendered fields (the UI's Rendered Template view)."""
+    import json
 
-    def at(text: str) -> dict[str, Any]:
-        return {"meta": {"lastUpdated": text}}
+    from airflow.sdk.execution_time.task_runner import _serialize_rendered_fields
 
-    assert w.contains(at("2026-03-10T00:00:00.000Z")) is True
-    assert w.contains(at("2026-03-10T23:59:59.999Z")) is True
-    assert w.contains(at("2026-03-11T00:00:00.000Z")) is False
-    assert w.contains(at("2026-03-09T23:59:59.999Z")) is False
-    assert w.contains(at("2026-03-11T01:00:00+02:00")) is True  # 23:00Z on the 10th
-    assert w.contains({"id": "1"}) is None
+    return json.dumps(_serialize_rendered_fields(task))
 
 
-def test_open_windows() -> None:
-    assert LastUpdatedWindow.of(None, "") is None
-    since = LastUpdatedWindow.of("2026-03-10T12:00:00Z")
-    assert since is not None
-    assert since.search_params(Track.PROPRIETARY, DEFAULT, "Patient") == [("_lastUpdated", "gt2026-03-09")]
-    assert since.search_params(Track.CERTIFIED, DEFAULT, "Patient") == [("_lastUpdated", "ge2026-03-10T12:00:00.000Z")]
-    until = LastUpdatedWindow.of(None, "2026-03-10T00:00:00.000500Z")
-    assert until is not None  # the exclusive end rounds up to the next millisecond; the filter is exact
-    assert until.search_params(Track.CERTIFIED, DEFAULT, "Patient") == [("_lastUpdated", "lt2026-03-10T00:00:00.001Z")]
-    assert until.search_params(Track.PROPRIETARY, DEFAULT, "Patient") == [("_lastUpdated", "le2026-03-10")]
+def test_rendered_fields_are_masked_and_execute_reads_the_real_values() -> None:
+    op = _PhiOperator(task_id="t", modmed_conn_id="{{ params.conn }}", note="Scan for {{ params.f }}",
+                      resource=RESOURCE)
+    op.render_template_fields({"params": {"f": "Qwertyphi", "conn": "modmed_default"}})  # type: ignore[arg-type]
+    assert op.modmed_conn_id == "modmed_default"  # not patient data: rendered as usual
+    assert op.note == MASK and op.resource == {"resourceType": "Patient", "name": [{"family": MASK,
+                                                                                     "use": "official"}]}
+    assert op.phi_value("note") == "Scan for Qwertyphi"
+    assert op.phi_value("resource")["name"][0]["family"] == "Qwertyphi"
+    assert "Qwertyphi" not in _stored(op)
+    op.render_template_fields({"params": {"f": "Other"}})  # type: ignore[arg-type]  # the first values stay
+    assert op.phi_value("note") == "Scan for Qwertyphi"
 
 
-def test_write_ndjson(tmp_path: Path) -> None:
-    path = tmp_path / "out.ndjson"
-    assert write_ndjson(iter([{"a": "é"}, {"b": 2}]), path) == 2
-    assert [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] == [{"a": "é"}, {"b": 2}]
+def test_a_callable_field_value_is_masked_too() -> None:
+    op = _PhiOperator(task_id="t", note=lambda context, jinja_env: f"note on {context['params']['f']}")
+    op.render_template_fields({"params": {"f": "Qwertyphi"}})  # type: ignore[arg-type]
+    assert op.note == MASK and op.phi_value("note") == "note on Qwertyphi"
+
+
+def test_a_mapped_task_is_masked_as_well() -> None:
+    """Airflow renders an expanded task without calling its render_template_fields: the masking must
+    still apply, to the expanded and the partial values alike."""
+    from types import SimpleNamespace
+
+    import pendulum
+    from airflow.sdk import DAG
+
+    with DAG("phi_mapped", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+             params={"f": "Qwertyphi"}) as dag:
+        mapped = _PhiOperator.partial(task_id="t", resource=RESOURCE).expand(
+            note=["Scan for {{ params.f }}", "second"])
+    context: dict[str, Any] = {"ti": SimpleNamespace(map_index=0, task=mapped), "task": mapped, "dag": dag,
+                               "dag_run": SimpleNamespace(conf={})}
+    mapped.render_template_fields(context)  # type: ignore[arg-type]
+    task = context["task"]
+    assert isinstance(task, _PhiOperator) and task is not mapped
+    assert task.note == MASK and task.phi_value("note") == "Scan for Qwertyphi"
+    assert task.phi_value("resource")["name"][0]["family"] == "Qwertyphi"
+    assert "Qwertyphi" not in _stored(task)
+
+
+def test_task_folder_is_path_safe_and_names_the_map_index() -> None:
+    from types import SimpleNamespace
+
+    op = _PhiOperator(task_id="group.my-task")
+    run_id = "manual__2026-01-01T00:00:00+00:00"
+    assert op.task_folder({"run_id": run_id, "ti": SimpleNamespace(map_index=-1)}) == \
+        "manual__2026-01-01T00_00_00_00_00/group.my-task"  # type: ignore[arg-type]
+    assert op.task_folder({"run_id": run_id, "ti": SimpleNamespace(map_index=3)}) == \
+        "manual__2026-01-01T00_00_00_00_00/group.my-task_3"  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client.documents import UploadResult
 from airflow_provider_modmed.operators import documents as documents_mod
 from airflow_provider_modmed.operators.documents import ModMedDocumentUploadOperator
-from tests.unit.test_operators_resources import FakeClient, FakeHook, fake_openlineage, pairs  # noqa: F401
+from tests.unit.test_operators_resources import FakeHook, fake_openlineage, pairs  # noqa: F401
 
 
 class FakeTI:
@@ -34,8 +34,7 @@ def pdf(tmp_path: Path) -> Path:
 
 def wire(op: ModMedDocumentUploadOperator, monkeypatch: pytest.MonkeyPatch,
          track: Track = Track.PROPRIETARY) -> list[dict[str, Any]]:
-    client = FakeClient(track)
-    op.__dict__["hook"] = FakeHook(track, client)
+    op.__dict__["hook"] = FakeHook(track, object())  # upload_document is replaced: no client calls
     calls: list[dict[str, Any]] = []
 
     def fake_upload(c: Any, content: bytes, **kwargs: Any) -> UploadResult:
@@ -105,7 +104,7 @@ def test_the_description_stays_out_of_rendered_templates(pdf: Path) -> None:
 
 def test_lineage(pdf: Path, fake_openlineage: None) -> None:  # noqa: F811
     op = ModMedDocumentUploadOperator(task_id="u", file_path=f"s3://bucket/in/{pdf.name}", category="LAB")
-    op.__dict__["hook"] = FakeHook(Track.PROPRIETARY, FakeClient(Track.PROPRIETARY))
+    op.__dict__["hook"] = FakeHook(Track.PROPRIETARY, object())
     lineage = op.get_openlineage_facets_on_complete(None)
     assert pairs(lineage.inputs) == [("s3://bucket", f"in/{pdf.name}")]
     assert pairs(lineage.outputs) == [("modmed://stage.ema-api.com/apiportal", "DocumentReference")]

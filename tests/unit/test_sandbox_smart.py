@@ -201,7 +201,7 @@ def test_credentials_document_layout(creds: SandboxCredentials) -> None:
 
 
 def test_credentials_document_env(creds: SandboxCredentials) -> None:
-    doc = credentials_document(creds, api_url=API + "/", storage_url=STORAGE, env="ema-training")
+    doc = credentials_document(creds, api_url=API + "/", storage_url=STORAGE, env="training")
     assert doc["api_url"] == API
     assert doc["proprietary"]["fhir_base"] == f"{API}/ema-training/firm/apiportal/ema/fhir/v2"
 

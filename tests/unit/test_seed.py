@@ -16,15 +16,17 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from airflow_provider_modmed.sandbox.seed import (
-    APPOINTMENT_TYPE_SYSTEM,
     COMPOSITE_ID_TYPES,
-    DOCUMENT_CATEGORY_SYSTEM,
     DOTTED_ID_PREFIX,
     MRN_SYSTEM,
     PAYER_IDS,
-    TRANSACTION_ID_SYSTEM,
     generate,
 )
+
+# ModMed's systems, stated literally (the seed reads them from profile.py: a wrong fact there fails here)
+APPOINTMENT_TYPE_SYSTEM = "https://www.modmed.com/fhir/appointment-type"
+DOCUMENT_CATEGORY_SYSTEM = "https://www.modmed.com/fhir/document-category"
+TRANSACTION_ID_SYSTEM = "https://www.modmed.com/fhir/transaction-id"
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
