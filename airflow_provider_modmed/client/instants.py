@@ -15,7 +15,7 @@ Two parsers, on purpose, with different contracts:
 Arithmetic is on integer epoch milliseconds, **floored**: sub-millisecond digits (ModMed writes seven
 fraction digits) are dropped, so an inclusive lower bound stays exact and every layer compares the same
 integers. :func:`format_instant` writes the FHIR form with milliseconds and ``Z``. Values handed back
-as objects are pendulum ``DateTime``s.
+as objects are pendulum ``DateTime`` values.
 """
 
 from __future__ import annotations
