@@ -1,24 +1,43 @@
 """Typed errors raised by the ModMed client, hook and operators.
 
-Every error carries what the server said (status code, the OperationOutcome's issue codes and
-diagnostics) and never the request body: request bodies hold patient data.
+Every error carries what the server said as structured data (status code, the OperationOutcome's
+issues) and never the request body: request bodies hold patient data. Its text (``str(exc)``, which
+reaches task logs and trigger events) holds the operation, the HTTP status and each issue's severity and
+code only. The server's free text (``diagnostics``, ``details.text``, an OAuth ``error_description``) may
+echo what it was sent (a name, a birth date): it stays on the issues and is returned only by
+:meth:`ModMedError.diagnostics`, for code that asks for it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: what an issue's severity or code must look like to be shown in an error's text (FHIR codes and OAuth
+#: error codes do); anything else is server text and is shown as ``?``
+_CODE_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+#: issues shown in an error's text; the rest are counted
+_SHOWN_ISSUES = 10
+
+
+def _code(text: str) -> str:
+    return text if _CODE_RE.fullmatch(text) else "?"
+
 
 @dataclass(frozen=True)
 class Issue:
-    """One ``OperationOutcome.issue``: severity, code, diagnostics and location."""
+    """One ``OperationOutcome.issue``: severity, code, diagnostics and location.
+
+    ``diagnostics`` (the issue's ``diagnostics`` or ``details.text``) and ``expression`` are server text
+    that may quote patient data: they are left out of ``repr`` and of every error message.
+    """
 
     severity: str
     code: str
-    diagnostics: str = ""
-    expression: tuple[str, ...] = ()
+    diagnostics: str = field(default="", repr=False)
+    expression: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Issue:
@@ -30,11 +49,24 @@ class Issue:
             expression=tuple(str(x) for x in loc),
         )
 
+    @property
+    def label(self) -> str:
+        """``"severity/code"``, safe to log: a value that does not look like a code is shown as ``?``."""
+        return f"{_code(self.severity)}/{_code(self.code)}"
+
 
 def issues_from_body(body: Any) -> tuple[Issue, ...]:
     """The issues of an OperationOutcome body; ``()`` when the body is not one."""
     if isinstance(body, Mapping) and body.get("resourceType") == "OperationOutcome":
         return tuple(Issue.from_dict(i) for i in body.get("issue") or () if isinstance(i, Mapping))
+    return ()
+
+
+def oauth_issues(body: Any) -> tuple[Issue, ...]:
+    """An OAuth error answer (RFC 6749 section 5.2) as one issue: ``error`` is its code, the
+    ``error_description`` (server text) its diagnostics; ``()`` when the body is not one."""
+    if isinstance(body, Mapping) and isinstance(body.get("error"), str) and body["error"]:
+        return (Issue("error", body["error"], str(body.get("error_description") or "")),)
     return ()
 
 
@@ -50,19 +82,28 @@ class ModMedError(Exception):
         super().__init__(self.message)
 
     def __str__(self) -> str:
+        """The operation, the HTTP status and each issue's severity and code; never the server's
+        diagnostics (see :meth:`diagnostics`)."""
         parts = [self.message]
         if self.status_code is not None:
             parts.append(f"(HTTP {self.status_code})")
-        for issue in self.issues:
-            text = f"[{issue.severity}/{issue.code}]"
-            if issue.diagnostics:
-                text += f" {issue.diagnostics}"
-            parts.append(text)
+        parts.extend(f"[{i.label}]" for i in self.issues[:_SHOWN_ISSUES])
+        if len(self.issues) > _SHOWN_ISSUES:
+            parts.append(f"(+{len(self.issues) - _SHOWN_ISSUES} more issues)")
         return " ".join(parts)
 
     @property
     def codes(self) -> tuple[str, ...]:
         return tuple(i.code for i in self.issues)
+
+    def diagnostics(self) -> tuple[str, ...]:
+        """The server's text for each issue that has one (OperationOutcome ``diagnostics`` or
+        ``details.text``, an OAuth ``error_description``), in order.
+
+        Servers echo what they were sent, so this may hold patient data (a name, a birth date): it is
+        never part of ``str(exc)``; do not log it, push it to XCom or put it in a trigger event.
+        """
+        return tuple(i.diagnostics for i in self.issues if i.diagnostics)
 
 
 class ConfigurationError(ModMedError):
@@ -133,9 +174,10 @@ def error_class(status_code: int, *, auth: bool = False) -> type[ModMedError]:
 def error_for_status(status_code: int, body: Any, what: str, *, auth: bool = False,
                      detail: str = "") -> ModMedError:
     """Build the typed error for an HTTP answer; ``what`` says which call failed (no data, no secrets),
-    ``detail`` is appended to it (e.g. an OAuth error code)."""
-    return error_class(status_code, auth=auth)(f"{what} failed{detail}", status_code=status_code,
-                                               issues=issues_from_body(body))
+    ``detail`` is appended to it. ``auth``: a token or discovery answer, whose OAuth error body
+    (:func:`oauth_issues`) becomes the issue."""
+    issues = issues_from_body(body) or (oauth_issues(body) if auth else ())
+    return error_class(status_code, auth=auth)(f"{what} failed{detail}", status_code=status_code, issues=issues)
 
 
 def json_body(response: Any) -> Any:

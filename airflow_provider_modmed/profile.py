@@ -30,6 +30,10 @@ PROPRIETARY_GRANT_SUFFIX = "/ema/ws/oauth2/grant"
 KEYCLOAK_TOKEN_PATH = "/auth/realms/ema-fhir/protocol/openid-connect/token"  # noqa: S105
 #: certified (ONC) API: one host per practice, the firm prefix as subdomain
 CERTIFIED_BASE_TEMPLATE = "https://{firm}.mmi.prod.fhir.ema-api.com/fhir/r4"
+#: certified track: the documented FHIR base template of each environment. ModMed documents only the
+#: production host; a certified sandbox or training practice has no published host (its base URL comes
+#: from ModMed or the practice), so those environments are absent here, never mapped to production
+CERTIFIED_ENVIRONMENTS: dict[str, str] = {"production": CERTIFIED_BASE_TEMPLATE}
 #: certified track: the FHIR base's path below the practice's root (``.../{firm}/fhir/r4``)
 CERTIFIED_FHIR_SUFFIX = "/fhir/r4"
 

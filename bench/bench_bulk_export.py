@@ -15,6 +15,11 @@
    curl time / our time for the same bytes (target >= 0.8). The best round of each is compared.
 4. Peak memory: this process's peak RSS (``ru_maxrss``) around our downloads (target < 200 MB whatever the
    export size). The sandbox and curl run in other processes and are not counted.
+5. Chunk sizes (``--chunks``, on by default): some servers send one HTTP chunk per resource (~700 bytes).
+   With the sandbox's ``bulk_chunk_lines`` fault at 1 (small chunks) and 0 (large chunks), each with and
+   without its ``bulk_gzip`` fault, one fresh export each: a bare httpx stream of every file (read and
+   dropped: the floor the HTTP stack sets) and then our client storing the same files. Figures are this
+   process's CPU seconds per GB of NDJSON, and ratios to the bare httpx stream of small chunks.
 
 No assertions: it prints the figures. Nothing here is run by the test suite.
 """
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +144,82 @@ def curl_fetch(urls: list[str], folder: Path, concurrency: int) -> tuple[float, 
     return elapsed, size
 
 
+def set_faults(api: str, **faults: Any) -> None:
+    httpx.post(f"{api}/_sandbox/faults", json=faults, timeout=10).raise_for_status()
+
+
+def bare_httpx(urls: list[str], concurrency: int, gzip: bool) -> tuple[float, int]:
+    """CPU seconds of a bare httpx stream of every file (``iter_bytes``, dropped), and the decoded bytes."""
+    headers = {"Accept": "application/fhir+ndjson", "Accept-Encoding": "gzip" if gzip else "identity"}
+    with httpx.Client(timeout=120) as http:
+        def one(url: str) -> int:
+            size = 0
+            with http.stream("GET", url, headers=headers) as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+            return size
+
+        cpu = time.process_time()
+        with ThreadPoolExecutor(concurrency) as pool:
+            size = sum(pool.map(one, urls))
+        return time.process_time() - cpu, size
+
+
+def chunk_sizes(client: Any, api: str, work: Path, concurrency: int) -> None:
+    """Step 5: CPU per GB with small and large chunks, with and without gzip, bare httpx vs ours (and ours
+    with ``block_bytes=1``: every network chunk written, hashed and checked as it comes, as before)."""
+    from airflow_provider_modmed.client.bulk import BulkExportClient, DownloadPolicy, ExportRequest, ExportRun
+
+    per_chunk = BulkExportClient(client.client, poll=client.poll_policy,
+                                 download=DownloadPolicy(concurrency=concurrency, block_bytes=1))
+    figures: dict[tuple[str, str, str], float] = {}
+    size = 0
+
+    def ready(bulk: Any, label: str) -> tuple[list[str], str, Any]:
+        """A fresh export (each finish() releases its job): its file URLs, status URL and run folder."""
+        request = ExportRequest()
+        status_url = bulk.kick_off(request)
+        urls = [i.url for i in bulk.poll(status_url).items]
+        run = ExportRun(work / label, request)
+        run.kicked_off(status_url)
+        return urls, status_url, run
+
+    for gzip in (False, True):
+        enc = "gzip" if gzip else "identity"
+        for chunks, lines in (("small", 1), ("large", 0)):
+            set_faults(api, bulk_chunk_lines=lines, bulk_gzip=gzip)
+            clients = [("ours", client)] + ([("ours, block_bytes=1", per_chunk)] if chunks == "small" else [])
+            for n, (who, bulk) in enumerate(clients):
+                urls, status_url, run = ready(bulk, f"chunks-{chunks}-{enc}-{n}")
+                if n == 0:
+                    bare_cpu, size = bare_httpx(urls, concurrency, gzip)
+                    figures["bare httpx", chunks, enc] = bare_cpu / (size / 1e9)
+                cpu = time.process_time()
+                result = bulk.finish(run, status_url)
+                cpu = time.process_time() - cpu
+                shutil.rmtree(run.folder)
+                assert result["bytes"] == size, (result["bytes"], size)
+                figures[who, chunks, enc] = cpu / (size / 1e9)
+            print(f"chunks {chunks} ({enc}): " + ", ".join(
+                f"{who} {figures[who, chunks, enc]:.1f} s/GB" for who in ("bare httpx", *(w for w, _ in clients))),
+                flush=True)
+    set_faults(api, bulk_chunk_lines=0, bulk_gzip=False)
+    print()
+    print(f"client CPU per GB of NDJSON ({size / 1e6:.0f} MB, concurrency {concurrency}); ratio to the bare "
+          "httpx stream of small chunks (the floor)")
+    rows = (("bare httpx", "small"), ("ours", "small"), ("ours, block_bytes=1", "small"), ("bare httpx", "large"),
+            ("ours", "large"))
+    for enc in ("identity", "gzip"):
+        floor = figures["bare httpx", "small", enc]
+        for who, chunks in rows:
+            value = figures[who, chunks, enc]
+            print(f"  {enc:8}  {who:19}  {chunks} chunks  {value:5.1f} s/GB  {value / floor:4.2f}x")
+    for enc in ("identity", "gzip"):
+        print(f"  {enc:8}  ours small / ours large chunks  "
+              f"{figures['ours', 'small', enc] / figures['ours', 'large', enc]:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0, help="NDJSON to export (default 1.0)")
@@ -151,6 +233,8 @@ def main() -> int:
                         "writeback does not decide the result)")
     parser.add_argument("--pin", action="store_true", help="pin the sandbox to CPU 0 and this process and "
                         "curl to the other CPUs (models a remote server)")
+    parser.add_argument("--no-chunks", dest="chunks", action="store_false",
+                        help="skip step 5 (small vs large HTTP chunks, with and without gzip)")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data_dir = args.data_dir / f"{args.gb:g}gb"
@@ -216,10 +300,14 @@ def main() -> int:
                       f"({curl_bytes / curl_s / 1e6:.0f} MB/s) | ours {ours_s:.1f} s "
                       f"({result['bytes'] / ours_s / 1e6:.0f} MB/s, CPU {cpu:.1f} s) | ratio {curl_s / ours_s:.2f} | "
                       f"peak RSS {row['rss_mb']:.0f} MB", flush=True)
+            if args.chunks:
+                chunk_sizes(client, creds["api_url"], work, args.concurrency)
     finally:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
+    if not rows:
+        return 0
     best_curl = min(r["curl_s"] for r in rows)
     best_ours = min(r["ours_s"] for r in rows)
     size = rows[0]["bytes"]

@@ -1,4 +1,5 @@
-"""Sphinx configuration: Markdown (MyST) pages, autodoc API reference, a generated capability matrix."""
+"""Sphinx configuration: Markdown (MyST) pages, autodoc API reference, the pages generated from the code
+(docs/generate_pages.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate_pages.py beside this file
+
+from generate_pages import write as write_generated_pages  # noqa: E402
 
 from airflow_provider_modmed import __version__  # noqa: E402
-from airflow_provider_modmed.capabilities import DEFAULT, EXPORT_LEVELS  # noqa: E402
 
 project = "airflow-provider-modmed"
 author = "airflow-provider-modmed developers"
@@ -29,36 +32,5 @@ nitpicky = False
 suppress_warnings = ["myst.xref_missing"]
 
 
-def _capability_matrix() -> str:
-    lines = [
-        "| resource | profile row | proprietary | certified |",
-        "| --- | --- | --- | --- |",
-    ]
-    for rt, label, prop, cert in DEFAULT.rows():
-        lines.append(f"| `{rt}` | {label or ''} | {prop} | {cert} |")
-    lines.append("")
-    lines.append(f"Bulk Data `$export` levels ({', '.join(EXPORT_LEVELS)}): certified track only.")
-    return "\n".join(lines) + "\n"
-
-
-def _connection_fields() -> str:
-    from airflow_provider_modmed.connection_form import CONN_FIELDS, UI_FIELD_BEHAVIOUR
-
-    lines = ["| field (Extra key) | label in the form | default | secret | description |",
-             "| --- | --- | --- | --- | --- |"]
-    relabel = UI_FIELD_BEHAVIOUR["relabeling"]
-    for std in ("host", "login", "password"):
-        lines.append(f"| `{std}` (standard) | {relabel[std]} | | {'yes' if std == 'password' else ''} | "
-                     f"{UI_FIELD_BEHAVIOUR['placeholders'][std]} |")
-    for name, spec in CONN_FIELDS.items():
-        schema = spec["schema"]
-        default = schema.get("default", "")
-        secret = "yes" if schema.get("format") == "password" else ""
-        lines.append(f"| `{name}` | {spec['label']} | {default if default != '' else ''} | {secret} | "
-                     f"{spec['description']} |")
-    return "\n".join(lines) + "\n"
-
-
-(Path(__file__).parent / "_generated").mkdir(exist_ok=True)
-(Path(__file__).parent / "_generated" / "connection-fields.md").write_text(_connection_fields())
-(Path(__file__).parent / "_generated" / "capability-matrix.md").write_text(_capability_matrix())
+# docs/_generated/ (connection fields, capability matrix) is committed; each build rewrites it from the code
+write_generated_pages()

@@ -58,28 +58,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Debian's redis-server on a free loopback port, started and stopped by the test session."""
+def start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Debian's redis-server on a free loopback port (requiring ``password`` when given), once it answers."""
     binary = require_binary("redis-server")
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
+                             "--appendonly", "no", "--dir", str(workdir),
+                             *(("--requirepass", password) if password else ())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
+                if conn.recv(16).startswith(b"-NOAUTH" if password else b"+PONG"):
+                    return proc, port
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("redis-server did not start")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's redis-server on a free loopback port, started and stopped by the test session."""
+    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

@@ -52,22 +52,28 @@ class InvalidIdError(ConfigurationError, ValueError):
     """A resource id that is not a FHIR id (or one of ModMed's ``prefix|id`` forms)."""
 
 
-_ID_PART = r"[A-Za-z0-9\-.]{1,64}"
+#: FHIR's id rule, ``[A-Za-z0-9\-\.]{1,64}``, for one part; a part made only of dots (``.``, ``..``) is
+#: refused, since a path normaliser (a proxy, the server) would read it as a dot-segment
+_ID_PART = r"(?!\.+(?:\||\Z))[A-Za-z0-9\-.]{1,64}"
+#: a FHIR id, or ModMed's composite ``prefix|id`` (``pay|7225``)
 _ID_RE = re.compile(rf"{_ID_PART}(?:\|{_ID_PART})?")
 
 
 def validate_id(resource_id: Any, field: str = "id") -> str:
-    """Return ``resource_id`` if it is a FHIR id, ModMed composite (``pay|7225``) or dotted id.
+    """Return ``resource_id`` if it is a FHIR id (letters, digits, ``-`` and ``.``, 1-64 long, so ``a..b``
+    too) or a ModMed composite (``pay|7225``).
 
-    Anything that could change the URL path (``/``, ``?``, ``#``, ``..``, whitespace, ...) is refused
-    with :class:`InvalidIdError` (a ``ValueError`` and a :class:`ConfigurationError`) naming ``field``.
+    Anything that could change the URL path (``/``, ``?``, ``#``, an id of dots only such as ``..``,
+    whitespace, control characters, ...) is refused with :class:`InvalidIdError` (a ``ValueError`` and a
+    :class:`ConfigurationError`) naming ``field``.
     """
     if not isinstance(resource_id, str) or not resource_id:
         raise InvalidIdError(f"{field} must be a non-empty string, got {type(resource_id).__name__}")
-    if not _ID_RE.fullmatch(resource_id) or ".." in resource_id or resource_id.strip(".") == "":
+    if not _ID_RE.fullmatch(resource_id):
         raise InvalidIdError(
             f"{field} {resource_id[:80]!r} is not a valid FHIR id: use letters, digits, '-' and '.' "
-            "(ModMed composites such as 'pay|7225' allowed); '/', '?', '#', '..' and spaces are refused"
+            "(ModMed composites such as 'pay|7225' allowed); '/', '?', '#', '.' or '..' alone and spaces "
+            "are refused"
         )
     return resource_id
 
@@ -173,8 +179,23 @@ def _one(request: httpx.Request, what: str, resource_type: str | None = None) ->
 
 #: search parameters: a dict (list values repeat), a list of ``(name, value)`` pairs or a query string
 SearchParams = Mapping[str, Any] | Sequence[tuple[str, Any]] | str | None
-#: what :func:`pages` hands each page to: ``(bundle, match resources)`` -> steps to pass on (e.g. Emit)
-PageHandler = Callable[[dict[str, Any], list[dict[str, Any]]], Iterator[Step]]
+#: what :func:`pages` hands each page to: ``(bundle, matches, included)`` -> steps to pass on (e.g. Emit)
+PageHandler = Callable[[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]], Iterator[Step]]
+
+#: a FHIR resource type name (what an answered ``resourceType`` must look like to be named in an error)
+_TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+
+
+class Included(dict[str, Any]):
+    """A resource that a search returned with ``search.mode = include`` (``_include``/``_revinclude``).
+
+    It is the resource itself (a dict); the type marks it as not a match. :func:`search` emits these only
+    when asked (``includes=True``), beside the matches, which stay plain dicts.
+    """
+
+    @property
+    def resource_type(self) -> str:
+        return str(self["resourceType"])
 
 
 def search_pairs(params: SearchParams) -> list[tuple[str, str]]:
@@ -220,11 +241,15 @@ def search_request(ctx: FhirContext, resource_type: str, pairs: Sequence[tuple[s
 
 
 def search(ctx: FhirContext, resource_type: str, params: SearchParams = None,
-           count: int | None = None, headers: Mapping[str, str] | None = None) -> Flow[int]:
-    """Search ``resource_type``, emitting each resource; returns how many were emitted.
+           count: int | None = None, headers: Mapping[str, str] | None = None, *,
+           includes: bool = False) -> Flow[int]:
+    """Search ``resource_type``, emitting each match; returns how many matches were emitted.
 
     ``_count`` is the resource's maximum on the track (``capabilities.py``) unless ``count`` or a
-    ``_count`` parameter asks for less. Pages are walked by :func:`pages`.
+    ``_count`` parameter asks for less. Pages are walked by :func:`pages`: every match is a
+    ``resource_type`` (a match of another type raises :class:`ModMedError`). Included resources
+    (``search.mode = include``) are left out and counted in the log, or, with ``includes=True``, emitted
+    as :class:`Included` after each page's matches.
     """
     _check(ctx, resource_type, Interaction.SEARCH)
     pairs = search_pairs(params)
@@ -234,30 +259,76 @@ def search(ctx: FhirContext, resource_type: str, params: SearchParams = None,
     wanted = count if count is not None else (asked[-1] if asked else None)
     pairs.append(("_count", str(page_size(ctx, resource_type, wanted))))
     what = f"search {resource_type}"
-    return _emit_pages(ctx, search_request(ctx, resource_type, pairs, what, headers), what, headers)
+    first = search_request(ctx, resource_type, pairs, what, headers)
+    return _emit_pages(ctx, resource_type, first, what, headers, includes)
 
 
-def _emit_pages(ctx: FhirContext, first: httpx.Request, what: str,
-                headers: Mapping[str, str] | None) -> Flow[int]:
-    emitted = 0
+def _emit_pages(ctx: FhirContext, resource_type: str, first: httpx.Request, what: str,
+                headers: Mapping[str, str] | None, includes: bool) -> Flow[int]:
+    emitted = left_out = 0
 
-    def emit(bundle: dict[str, Any], resources: list[dict[str, Any]]) -> Iterator[Step]:
-        nonlocal emitted
-        for resource in resources:
+    def emit(bundle: dict[str, Any], matches: list[dict[str, Any]],
+             included: list[dict[str, Any]]) -> Iterator[Step]:
+        nonlocal emitted, left_out
+        for resource in matches:
             emitted += 1
             yield Emit(resource)
+        if not includes:
+            left_out += len(included)
+            return
+        for resource in included:
+            yield Emit(Included(resource))
 
-    count = yield from pages(ctx, first, what, emit, headers)
+    count = yield from pages(ctx, first, what, emit, headers, resource_type=resource_type)
     log.info("modmed: %s: %d resources in %d pages", what, emitted, count)
+    if left_out:
+        log.info("modmed: %s: left out %d included resources (search.mode include)", what, left_out)
     return emitted
 
 
-def pages(ctx: FhirContext, request: httpx.Request, what: str, on_page: PageHandler,
-          headers: Mapping[str, str] | None = None) -> Flow[int]:
-    """Walk a search's pages from ``request``; returns how many pages were read.
+def split_entries(bundle: Mapping[str, Any], resource_type: str, what: str,
+                  status_code: int = 200) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A searchset page's ``(matches, included)`` resources, by each entry's ``search.mode``.
 
-    Each Bundle goes to ``on_page`` with its match resources (``search.mode`` outcome entries left out);
-    the steps ``on_page`` yields (e.g. ``Emit``) are passed on. ``next`` links are followed on the base's
+    ``outcome`` entries are left out (so is an OperationOutcome without a mode, as some servers send).
+    ``include`` entries are included resources, whatever their type. Every other entry (``match`` or no
+    mode) is a match and must be a ``resource_type``: a match of another type raises :class:`ModMedError`
+    naming the searched type and the type answered (nothing else of the entry), as a read does.
+    """
+    matches: list[dict[str, Any]] = []
+    included: list[dict[str, Any]] = []
+    for entry in bundle.get("entry") or ():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("resource"), dict):
+            continue
+        resource = entry["resource"]
+        info = entry.get("search")
+        mode = info.get("mode") if isinstance(info, Mapping) else None
+        if mode == "outcome":
+            continue
+        answered = resource.get("resourceType")
+        if not isinstance(answered, str) or not _TYPE_RE.fullmatch(answered):
+            raise ModMedError(f"{what} answered an entry without a valid resourceType (searched "
+                              f"{resource_type})", status_code=status_code)
+        if mode is None and answered == "OperationOutcome" != resource_type:
+            continue
+        if mode == "include":
+            included.append(resource)
+        elif answered != resource_type:
+            raise ModMedError(f"{what} answered a match of type {answered}: a {resource_type} search must "
+                              f"return {resource_type} resources (other types only as search.mode "
+                              "'include')", status_code=status_code)
+        else:
+            matches.append(resource)
+    return matches, included
+
+
+def pages(ctx: FhirContext, request: httpx.Request, what: str, on_page: PageHandler,
+          headers: Mapping[str, str] | None = None, *, resource_type: str) -> Flow[int]:
+    """Walk a ``resource_type`` search's pages from ``request``; returns how many pages were read.
+
+    Each Bundle goes to ``on_page`` with its matches and its included resources (:func:`split_entries`:
+    outcome entries left out, a match of another type than ``resource_type`` raises before any of the page
+    is passed on); the steps ``on_page`` yields (e.g. ``Emit``) are passed on. ``next`` links are followed on the base's
     origin only (:func:`next_page_request`), never twice; the walk stops at the first page without
     entries (ModMed puts a ``next`` link on its last page and reports the page's size as ``total``).
     """
@@ -271,9 +342,7 @@ def pages(ctx: FhirContext, request: httpx.Request, what: str, on_page: PageHand
             raise ModMedError(f"{what} answered no Bundle", status_code=response.status_code)
         count += 1
         entries = bundle.get("entry") or []
-        yield from on_page(bundle, [e["resource"] for e in entries if isinstance(e, Mapping)
-                                    and isinstance(e.get("resource"), dict)
-                                    and (e.get("search") or {}).get("mode") != "outcome"])
+        yield from on_page(bundle, *split_entries(bundle, resource_type, what, response.status_code))
         if not entries:
             break
         following = next_page_request(bundle, ctx.base, headers)

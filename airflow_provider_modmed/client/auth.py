@@ -144,14 +144,9 @@ def token_cache(key: str) -> TokenCache:
 # -- helpers -------------------------------------------------------------------------------------
 
 def token_error(response: httpx.Response, what: str) -> ModMedError:
-    """The typed error for a failed token (or discovery) answer: OAuth ``error`` code, never secrets."""
-    body = json_body(response)
-    detail = ""
-    if isinstance(body, Mapping) and body.get("error"):
-        detail = f": {body.get('error')}"
-        if body.get("error_description"):
-            detail += f" ({str(body.get('error_description'))[:200]})"
-    return error_for_status(response.status_code, body, what, auth=True, detail=detail)
+    """The typed error for a failed token (or discovery) answer: its text shows the OAuth ``error`` code;
+    the ``error_description`` (server text) only :meth:`~..errors.ModMedError.diagnostics` returns."""
+    return error_for_status(response.status_code, json_body(response), what, auth=True)
 
 
 def parse_token(response: httpx.Response, what: str) -> OAuth2Token:

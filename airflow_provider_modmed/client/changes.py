@@ -280,7 +280,9 @@ def _poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, strategy: Strate
     ids: set[str] = set()
     scanned = 0
 
-    def on_page(bundle: dict[str, Any], resources: list[dict[str, Any]]) -> Iterator[Step]:
+    def on_page(bundle: dict[str, Any], resources: list[dict[str, Any]],
+                included: list[dict[str, Any]]) -> Iterator[Step]:
+        # matches only: an included resource (search.mode include) is no change of this type
         nonlocal scanned
         total = bundle.get("total")
         if totals_are_true and isinstance(total, int) and not isinstance(total, bool):
@@ -299,7 +301,7 @@ def _poll(ctx: FhirContext, query: ChangeQuery, cursor: Cursor, strategy: Strate
         totals.clear()
         ids.clear()
         request = search_request(ctx, query.resource_type, pairs, what, headers)
-        calls += yield from pages(ctx, request, what, on_page, headers)
+        calls += yield from pages(ctx, request, what, on_page, headers, resource_type=query.resource_type)
         consistent = paging_consistent(totals, len(ids))
         if consistent or cursor.high_ms is None or restarts >= max_restarts:
             break

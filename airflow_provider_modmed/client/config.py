@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -43,6 +44,11 @@ _WHERE: dict[str, str] = {
 
 JWT_ALGORITHMS = ("RS384", "ES384")
 
+#: a firm URL prefix is one path segment of ModMed's URLs (``{env_base}/{firm}/ema/fhir/v2``)
+_FIRM_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+#: ... and, on the certified track's published host, a DNS label (``https://{firm}.mmi.prod...``)
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
 
 class AuthMethod(str, Enum):
     """How the client obtains its bearer token."""
@@ -59,19 +65,28 @@ class AuthMethod(str, Enum):
         return self.value
 
 
+_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_V6 = ipaddress.ip_address("::1")
+
+
 def _where(name: str) -> str:
     return f"({_WHERE[name]})" if name in _WHERE else ""
 
 
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``)."""
+    """True for exactly ``localhost``, 127.0.0.0/8 and ``::1``: the hosts that may use plain http.
+
+    Other ``*.localhost`` names are refused (a resolver may send them anywhere), as are IPv4-mapped
+    IPv6 forms (``::ffff:127.0.0.1``) and the unspecified address (``0.0.0.0``, ``::``).
+    """
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return (address.version == 4 and address in _LOOPBACK_V4) or address == _LOOPBACK_V6
 
 
 def origin(url: httpx.URL | str) -> tuple[str, str, int]:
@@ -117,6 +132,21 @@ def check_url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
+def check_firm(firm: str, *, subdomain: bool = False) -> str:
+    """Validate a firm URL prefix before any call: one URL path segment (letters, digits, ``-``, ``_``,
+    ``.``; not ``.`` or ``..``); with ``subdomain`` (the certified track's host ``{firm}.mmi.prod...``)
+    also a DNS label (letters, digits, inner ``-``, at most 63). Returns ``firm``."""
+    where = _where("firm")
+    if not _FIRM_SEGMENT.fullmatch(firm) or firm in (".", ".."):
+        raise ConfigurationError(f"firm {where} must be the practice's URL prefix, one URL path segment of "
+                                 f"letters, digits, '-', '_' or '.', got {firm!r}")
+    if subdomain and not _DNS_LABEL.fullmatch(firm):
+        raise ConfigurationError(f"firm {where} is the subdomain of the practice's certified host "
+                                 f"({profile.CERTIFIED_BASE_TEMPLATE}), so it must be a DNS label: letters, digits "
+                                 f"and '-' (not first or last), at most 63 characters, got {firm!r}")
+    return firm
+
+
 def secret_digest(*parts: str | None) -> str:
     """A short, stable, non-reversible digest of secrets: for cache and rate-budget keys, never logs."""
     h = hashlib.sha256()
@@ -149,7 +179,7 @@ class ClientConfig:
     scope: str | None = None
     token_url: str | None = None
     rate_limit_per_minute: int = 1000
-    rate_limit_storage_uri: str = "memory://"
+    rate_limit_storage_uri: str = field(default="memory://", repr=False)  # may carry a Redis password
     timeout: float = 30.0
     verify: bool | str = True
     max_retries: int = 5
@@ -168,6 +198,9 @@ class ClientConfig:
                                      f"{_where('auth_method')}, got {self.auth_method!r}") from None
         object.__setattr__(self, "track", track)
         object.__setattr__(self, "auth_method", method)
+        object.__setattr__(self, "jwt_algorithm", str(self.jwt_algorithm or "RS384").strip().upper())
+        if self.firm:
+            check_firm(self.firm)
         if not self.fhir_base:
             raise ConfigurationError(f"fhir_base is required {_where('fhir_base')}")
         object.__setattr__(self, "fhir_base", check_url("fhir_base", self.fhir_base))

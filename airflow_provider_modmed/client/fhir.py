@@ -37,7 +37,14 @@ from airflow_provider_modmed.client.auth import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.limiter import RateBudget
-from airflow_provider_modmed.client.retry import ATTEMPT, NO_RESEND, describe, retry_kwargs, tls_verify_failure
+from airflow_provider_modmed.client.retry import (
+    ATTEMPT,
+    FLOW_RETRIES,
+    NO_RESEND,
+    describe,
+    retry_kwargs,
+    tls_verify_failure,
+)
 from airflow_provider_modmed.errors import TransportError
 
 log = logging.getLogger("airflow_provider_modmed.client")
@@ -156,10 +163,10 @@ class FhirClient(_Face):
 
     def send(self, request: httpx.Request) -> httpx.Response:
         """Send one request through the httpx client: rate budget, auth, retries (a request marked
-        ``NO_RESEND`` is sent exactly once). Answers of any status are returned."""
+        ``NO_RESEND`` or ``FLOW_RETRIES`` is sent exactly once). Answers of any status are returned."""
         built = self._build(request)
         try:
-            if built.extensions.get(NO_RESEND):
+            if built.extensions.get(NO_RESEND) or built.extensions.get(FLOW_RETRIES):
                 return self._send_once(built)
             response: httpx.Response = Retrying(sleep=self._sleep, **self.retry_kwargs)(self._send_once, built)
         except httpx.RequestError as exc:
@@ -221,9 +228,10 @@ class FhirClient(_Face):
         return self.run(flows.read(self.context, resource_type, resource_id))
 
     def search(self, resource_type: str, params: Params = None, *, count: int | None = None,
-               headers: Mapping[str, str] | None = None) -> Iterator[dict[str, Any]]:
-        """Iterate over every match, one resource at a time, following ``next`` links lazily."""
-        return self.iterate(flows.search(self.context, resource_type, params, count, headers))
+               headers: Mapping[str, str] | None = None, includes: bool = False) -> Iterator[dict[str, Any]]:
+        """Iterate over every match, one resource at a time, following ``next`` links lazily; a match of
+        another type fails. ``includes=True`` also yields included resources as ``flows.Included`` dicts."""
+        return self.iterate(flows.search(self.context, resource_type, params, count, headers, includes=includes))
 
     def create(self, resource: Mapping[str, Any], if_none_exist: writes.Condition | None = None, *,
                transaction_id: str | None = None) -> dict[str, Any]:
@@ -292,7 +300,7 @@ class AsyncFhirClient(_Face):
         """:meth:`FhirClient.send`, awaited."""
         built = self._build(request)
         try:
-            if built.extensions.get(NO_RESEND):
+            if built.extensions.get(NO_RESEND) or built.extensions.get(FLOW_RETRIES):
                 return await self._send_once(built)
             response: httpx.Response = await AsyncRetrying(sleep=self._asleep, **self.retry_kwargs)(
                 self._send_once, built)
@@ -350,9 +358,10 @@ class AsyncFhirClient(_Face):
         return await self.run(flows.read(self.context, resource_type, resource_id))
 
     def search(self, resource_type: str, params: Params = None, *, count: int | None = None,
-               headers: Mapping[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
-        """``async for`` over every match; arguments are checked now, pages fetched lazily."""
-        return self.iterate(flows.search(self.context, resource_type, params, count, headers))
+               headers: Mapping[str, str] | None = None, includes: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """``async for`` over every match; arguments are checked now, pages fetched lazily (``includes``: as
+        :meth:`FhirClient.search`)."""
+        return self.iterate(flows.search(self.context, resource_type, params, count, headers, includes=includes))
 
     async def create(self, resource: Mapping[str, Any], if_none_exist: writes.Condition | None = None, *,
                      transaction_id: str | None = None) -> dict[str, Any]:

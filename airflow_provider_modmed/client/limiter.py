@@ -6,7 +6,8 @@ storage URI (``redis://host:6379/0``) shares one budget across processes and wor
 
 The budget is keyed by the firm plus a digest of the API key (never the key itself). The sync face
 (`limits.strategies`) and the async face (`limits.aio.strategies`) apply the same policy; with
-``memory://`` they keep separate counters (one per event loop for the async face).
+``memory://`` they keep separate counters (one per event loop for the async face). Messages and logs
+show a storage URI as its scheme only (:func:`shown_storage_uri`): the URI may carry a password.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from limits import RateLimitItem, RateLimitItemPerSecond, parse
 from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindowRateLimiter
@@ -55,6 +57,25 @@ def async_storage_uri(uri: str) -> str:
     return uri if uri.startswith("async+") else f"async+{uri}"
 
 
+def shown_storage_uri(uri: str) -> str:
+    """How a storage URI appears in messages and logs: its scheme only (``redis://``), never host or password."""
+    return f"{sync_storage_uri(uri).split('://', 1)[0]}://"
+
+
+def storage_uri_passwords(uri: str) -> set[str]:
+    """The secrets a storage URI carries, for masking: the password of its user info (``redis://:pw@host``)
+    and of a ``password=`` query parameter, each as written and URL-decoded."""
+    try:
+        parts = urlsplit(uri)
+        found = {parts.password or ""}
+        query = parts.query
+    except ValueError:  # a netloc urllib cannot parse (e.g. a bad IPv6 literal): take the user info as is
+        userinfo = uri.split("://", 1)[-1].rpartition("@")[0]
+        found, query = {userinfo.partition(":")[2]}, ""
+    found.update(parse_qs(query).get("password", ()))
+    return {form for value in found if value for form in (value, unquote(value))}
+
+
 def _storage_options(uri: str) -> dict[str, Any]:
     options: dict[str, Any] = {"wrap_exceptions": True}  # storage failures surface as StorageError
     # limits' async redis storage defaults to coredis; fall back to redis-py (the [redis] extra)
@@ -66,7 +87,7 @@ def _storage_options(uri: str) -> dict[str, Any]:
 
 def _unreachable(uri: str, exc: StorageError) -> TransportError:
     cause = exc.storage_error
-    return TransportError(f"rate-limit storage {sync_storage_uri(uri).split('://', 1)[0]}:// is unreachable "
+    return TransportError(f"rate-limit storage {shown_storage_uri(uri)} is unreachable "
                           f'(extra field "rate_limit_storage_uri"): {type(cause).__name__}')
 
 
@@ -83,9 +104,12 @@ def _build(uri: str, options: dict[str, Any]) -> Any:
     try:
         return storage_from_string(uri, **options)
     except Exception as exc:  # limits raises its own ConfigurationError, or ImportError for drivers
+        detail = str(exc).replace(uri, shown_storage_uri(uri))  # limits quotes the whole URI
+        for secret in storage_uri_passwords(uri):
+            detail = detail.replace(secret, "***")
         raise ConfigurationError(
-            f"rate_limit_storage_uri {uri.split('://', 1)[0]}:// cannot be used "
-            f'(extra field "rate_limit_storage_uri"): {type(exc).__name__}: {exc}'
+            f"rate_limit_storage_uri {shown_storage_uri(uri)} cannot be used "
+            f'(extra field "rate_limit_storage_uri"): {type(exc).__name__}: {detail}'
         ) from None
 
 
@@ -184,4 +208,4 @@ class RateBudget:
                     return float(done.value)
 
     def __repr__(self) -> str:
-        return f"RateBudget({self.item}, storage={self.storage_uri.split('://', 1)[0]}://)"
+        return f"RateBudget({self.item}, storage={shown_storage_uri(self.storage_uri)})"

@@ -10,6 +10,11 @@ and enforced exactly on ``meta.lastUpdated`` here. Rows are de-duplicated by id 
 twice while the data moved adds nothing; a newer version of a resource already written is written too).
 Resources without a valid ``meta.lastUpdated`` cannot be placed in a window: they are kept (never lose
 data) and counted as ``undated``.
+
+Only matches of the searched type reach the file (a match of another type fails the search). Included
+resources (``_include``/``_revinclude``, ``search.mode = include``) go to their own files beside it,
+``{stem}.include.{Type}.ndjson`` (``includes="separate"``, the default), or are dropped and counted
+(``includes="drop"``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from airflow_provider_modmed.client._flows import SearchParams, search_pairs
+from airflow_provider_modmed.client._flows import Included, SearchParams, search_pairs
 from airflow_provider_modmed.client.window import Change, Tracker, Window, strategy_for
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
 
 __all__ = [
     "DEFAULT_MAX_IDS",
+    "INCLUDES",
     "ExportResult",
     "NdjsonWriter",
+    "included_path",
     "prepare_parent",
     "search_to_ndjson",
     "write_ndjson",
@@ -39,6 +46,8 @@ log = logging.getLogger("airflow_provider_modmed.client")
 
 #: ids listed in a result at most (the count is always exact)
 DEFAULT_MAX_IDS = 10_000
+#: what :func:`search_to_ndjson` does with included resources: their own files, or dropped with a count
+INCLUDES = ("separate", "drop")
 
 
 class _Openable(Protocol):
@@ -64,12 +73,18 @@ class ExportResult:
     undated: int = 0
     #: ``exact``, ``widened`` or ``scan`` (:attr:`Strategy.mode`) when there is a window
     window_mode: str | None = None
+    #: included resources written (``includes="separate"``): ``{Type: {"path", "count"}}``, de-duplicated
+    included: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: included resources received and not written (``includes="drop"``)
+    included_dropped: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Counts only (for logs): no ids, no resources."""
         return {"resource_type": self.resource_type, "count": self.count, "scanned": self.scanned,
                 "duplicates": self.duplicates, "outside_window": self.outside_window, "undated": self.undated,
-                "window_mode": self.window_mode}
+                "window_mode": self.window_mode,
+                "included": {rt: entry["count"] for rt, entry in self.included.items()},
+                "included_dropped": self.included_dropped}
 
 
 class NdjsonWriter:
@@ -126,20 +141,39 @@ def prepare_parent(path: Any) -> None:
         parent.mkdir(parents=True, exist_ok=True)
 
 
+def included_path(path: Any, resource_type: str) -> Any:
+    """Where ``includes="separate"`` writes included ``resource_type`` resources: beside ``path``, named
+    ``{stem}.include.{Type}.ndjson`` (``Patient.ndjson`` -> ``Patient.include.Organization.ndjson``), a name
+    that cannot be the main file's, whatever type is included (the searched type too)."""
+    name = str(getattr(path, "name", "") or "")
+    stem = name[: -len(".ndjson")] if name.endswith(".ndjson") else name
+    if not stem or not callable(getattr(path, "with_name", None)):
+        raise ConfigurationError("includes='separate' writes included resources beside the output file and needs "
+                                 "a path with a file name (pathlib.Path, ObjectStoragePath); pass includes='drop'")
+    return path.with_name(f"{stem}.include.{resource_type}.ndjson")
+
+
 def search_to_ndjson(client: Any, resource_type: str, path: _Openable, params: SearchParams = None, *,
                      window: Window | None = None, count: int | None = None,
                      headers: Mapping[str, str] | None = None, max_ids: int = DEFAULT_MAX_IDS,
-                     keep_resources: int = 0) -> ExportResult:
+                     keep_resources: int = 0, includes: str = "separate") -> ExportResult:
     """Search ``resource_type`` through every page into ``path`` (NDJSON), de-duplicated by id + version.
 
     ``client`` is a :class:`~airflow_provider_modmed.client.FhirClient` (its search flow does the
-    capability pre-flight before any request). With ``window``, the ``_lastUpdated`` bounds are sent as
-    the track allows and enforced exactly here. ``keep_resources`` > 0 also returns up to that many
-    resources (opt-in: they are patient data). The file is written even when nothing matches (empty).
+    capability pre-flight before any request, and fails on a match of another type). With ``window``, the
+    ``_lastUpdated`` bounds are sent as the track allows and enforced exactly here. ``keep_resources`` > 0
+    also returns up to that many resources (opt-in: they are patient data). The file is written even when
+    nothing matches (empty). Included resources never reach ``path``: with ``includes="separate"`` (the
+    default) each type goes to :func:`included_path` (created only when one arrives; de-duplicated by id +
+    version, no window), with ``"drop"`` they are counted in ``included_dropped``.
     """
     pairs = search_pairs(params)
     if max_ids < 0 or keep_resources < 0:
         raise ConfigurationError("max_ids and keep_resources must be >= 0")
+    if includes not in INCLUDES:
+        raise ConfigurationError(f"includes must be one of {', '.join(map(repr, INCLUDES))}, got {includes!r}")
+    if includes == "separate":
+        included_path(path, resource_type)  # a path that cannot take sibling files fails now, not mid-run
     result = ExportResult(path=str(path), resource_type=resource_type)
     if window is not None:
         if any(k.split(":")[0] == "_lastUpdated" for k, _ in pairs):
@@ -148,12 +182,34 @@ def search_to_ndjson(client: Any, resource_type: str, path: _Openable, params: S
         strategy = strategy_for(client.context.track, client.context.capabilities, resource_type)
         result.window_mode = strategy.mode
         pairs = [*pairs, *window.query(strategy)]
-    matches: Iterator[dict[str, Any]] = client.search(resource_type, pairs, count=count, headers=headers)
+    matches: Iterator[dict[str, Any]] = client.search(resource_type, pairs, count=count, headers=headers,
+                                                      includes=True)
     # the window is applied below (to count what falls outside); the tracker only de-duplicates
     tracker = Tracker()
+    side: dict[str, tuple[NdjsonWriter, Tracker]] = {}
+    closing = contextlib.ExitStack()
+
+    def include(resource: Included) -> None:
+        if includes == "drop":
+            result.included_dropped += 1
+            return
+        rt = resource.resource_type
+        if rt not in side:
+            target = included_path(path, rt)
+            side[rt] = (closing.enter_context(NdjsonWriter(target)), Tracker())
+            result.included[rt] = {"path": str(target), "count": 0}
+        writer, seen = side[rt]
+        rid = resource.get("id")
+        if isinstance(rid, str) and rid and not seen.offer(_observed(resource, rid)):
+            return  # the same included resource on several pages
+        writer.write(resource)
+        result.included[rt]["count"] = writer.count
 
     def kept() -> Iterator[dict[str, Any]]:
         for resource in matches:
+            if isinstance(resource, Included):
+                include(resource)
+                continue
             result.scanned += 1
             inside = window.contains(resource) if window is not None else True
             if inside is False:
@@ -177,7 +233,11 @@ def search_to_ndjson(client: Any, resource_type: str, path: _Openable, params: S
                     result.resources_truncated = True
             yield resource
 
-    result.count = write_ndjson(kept(), path)
+    with closing:  # the included files too, whatever happens
+        result.count = write_ndjson(kept(), path)
+    if result.included_dropped:
+        log.info("modmed: dropped %d included resources of a %s search (includes='drop')", result.included_dropped,
+                 resource_type)
     if result.undated:
         log.warning("modmed: %d %s resources carry no valid meta.lastUpdated; kept them (the window cannot "
                     "place them)", result.undated, resource_type)

@@ -4,7 +4,7 @@ What is retried, and when:
 
 * 429 on any method: the server refused the call before acting on it. ModMed sends no ``Retry-After``,
   so the wait is jittered exponential backoff; a ``Retry-After`` (seconds or HTTP-date) is honoured and
-  clamped.
+  clamped (:func:`retry_after_seconds`).
 * 500/502/503/504, timeouts and broken connections: only when resending is safe: an idempotent method,
   a POST the caller marked safe (conditional create with ``If-None-Exist``, a ChargeItem carrying its
   ``transactionId``), or a token request.
@@ -41,14 +41,31 @@ TOKEN_REQUEST = "modmed.token_request"  # noqa: S105
 WHAT = "modmed.what"
 #: request extension set by the faces: how many times this request has been sent (1 on the first try)
 ATTEMPT = "modmed.attempt"
+#: request extension set by the retry policy: how many earlier attempts were refused before the server
+#: acted (429) or never left (connect errors, a failed token request); they do not make a resend
+REFUSED = "modmed.refused"
 #: request extension: send once; never resend automatically (e.g. the bulk kick-off: a 5xx or a timeout
 #: may mean the server acted on it)
 NO_RESEND = "modmed.no_resend"
+#: request extension: the flow decides what a failed answer means and when to ask again (bulk status
+#: polls: transient OperationOutcome, ``max_poll_errors``); the face sends it once, outside this policy,
+#: and hands back every answer (a request that got none raises :class:`TransportError` into the flow)
+FLOW_RETRIES = "modmed.flow_retries"
 
-#: defaults: first backoff, largest backoff, largest honoured Retry-After (seconds)
+#: defaults: first backoff, largest backoff (seconds)
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+#: the longest ``Retry-After`` honoured on a refusal (429, 503): a throttled call, a bulk kick-off
+#: included, waits at most this long per try (5 throttled kick-offs: 10 minutes in all, not 50)
 RETRY_AFTER_CAP = 120.0
+#: THE cap of every wait the client makes (generic retries, bulk status polls, file downloads): no policy,
+#: argument or server header makes one wait longer
+MAX_WAIT = 600.0
+#: a ``Retry-After`` number above this is not a delay but an instant (seconds since the epoch): some
+#: servers send ``time() + delay``
+EPOCH_THRESHOLD = 1e9
+#: statuses whose ``Retry-After`` means "refused, come back later" (capped at ``RETRY_AFTER_CAP``)
+REFUSALS = frozenset({429, 503})
 
 
 def describe(request: httpx.Request | None) -> str:
@@ -60,13 +77,14 @@ def describe(request: httpx.Request | None) -> str:
 
 
 def was_resent(response: httpx.Response) -> bool:
-    """Whether ``response`` answers a resend: an earlier attempt of the same request may have landed
-    (its answer lost), so a flow may meet its own write (412 on If-Match, 404/410 on delete)."""
+    """Whether ``response`` answers a resend after an attempt that may have landed (its answer lost), so
+    a flow may meet its own write (412 on If-Match, 404/410 on delete). Earlier attempts refused with
+    429 or that never left (:data:`REFUSED`) do not count."""
     try:
         request = response.request
     except RuntimeError:  # a canned response without a request
         return False
-    return int(request.extensions.get(ATTEMPT, 1)) > 1
+    return int(request.extensions.get(ATTEMPT, 1)) - int(request.extensions.get(REFUSED, 0)) > 1
 
 
 def is_safe_to_resend(request: httpx.Request) -> bool:
@@ -120,25 +138,39 @@ def should_retry_exception(exc: BaseException) -> bool:
     return False
 
 
-def retry_after_seconds(response: httpx.Response, cap: float = RETRY_AFTER_CAP,
+def retry_after_seconds(response: httpx.Response, cap: float = MAX_WAIT,
                         now: float | None = None) -> float | None:
-    """The ``Retry-After`` header in seconds (delta or HTTP-date), clamped to ``[0, cap]``; None if absent."""
+    """The wait the answer's ``Retry-After`` asks for, in seconds; None when it asks for no usable wait.
+
+    * a delay in seconds (``"7"``, ``"1.5"``); a number above ``EPOCH_THRESHOLD`` (10^9) is an instant
+      in seconds since the epoch, waited until;
+    * an HTTP-date, waited until;
+    * absent, unparsable, zero, negative or in the past: None, so the caller uses its normal backoff
+      (never a retry with no wait at all).
+
+    The wait is clamped to ``cap`` and :data:`MAX_WAIT`, and on a refusal (429, 503) to
+    :data:`RETRY_AFTER_CAP`.
+    """
     raw = response.headers.get("Retry-After")
     if raw is None:
         return None
     raw = raw.strip()
+    current = time.time() if now is None else now
     seconds: float
     try:
         seconds = float(raw)
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+            seconds = email.utils.parsedate_to_datetime(raw).timestamp() - current
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    else:
+        if seconds > EPOCH_THRESHOLD:
+            seconds -= current
+    if not seconds > 0:  # zero, negative, in the past, NaN
         return None
-    return min(max(seconds, 0.0), cap)
+    limit = min(cap, MAX_WAIT, RETRY_AFTER_CAP if response.status_code in REFUSALS else MAX_WAIT)
+    return min(seconds, limit)
 
 
 def backoff(attempt: int, initial: float, maximum: float, *, factor: float = 2.0, floor: float = 0.0,
@@ -146,10 +178,13 @@ def backoff(attempt: int, initial: float, maximum: float, *, factor: float = 2.0
     """The one backoff formula: the wait after failure number ``attempt`` (1 for the first).
 
     The server's ``retry_after`` when it gave one (clamped to ``retry_after_cap``, default ``maximum``),
-    else ``initial * factor ** (attempt - 1)`` clamped to ``maximum``; never below ``floor``.
+    else ``initial * factor ** (attempt - 1)`` clamped to ``maximum``; never below ``floor``, and never
+    above :data:`MAX_WAIT` whatever the arguments.
     """
-    if retry_after is not None:
-        return max(floor, min(retry_after, maximum if retry_after_cap is None else retry_after_cap))
+    maximum, floor = min(maximum, MAX_WAIT), min(floor, MAX_WAIT)
+    if retry_after is not None and retry_after > 0:
+        cap = maximum if retry_after_cap is None else min(retry_after_cap, MAX_WAIT)
+        return max(floor, min(retry_after, cap))
     try:
         seconds = initial * factor ** max(0, attempt - 1)
     except OverflowError:
@@ -174,15 +209,37 @@ class RetryAfterOrBackoff:
             if isinstance(result, httpx.Response):
                 seconds = retry_after_seconds(result, self.retry_after_cap)
                 if seconds is not None:
-                    return seconds
+                    return backoff(retry_state.attempt_number, self.initial, self.maximum, retry_after=seconds,
+                                   retry_after_cap=self.retry_after_cap)
         jittered = backoff(retry_state.attempt_number, self.initial, self.maximum) + random.uniform(0, self.initial)
-        return min(self.maximum, jittered)
+        return min(self.maximum, MAX_WAIT, jittered)
 
 
 def _give_up(retry_state: RetryCallState) -> Any:
     """Out of attempts: hand back the last answer (the caller maps it to a typed error) or re-raise."""
     assert retry_state.outcome is not None
     return retry_state.outcome.result()
+
+
+def _never_acted(retry_state: RetryCallState) -> bool:
+    """Whether the attempt that just failed cannot have been acted on: a 429, or no request left."""
+    outcome = retry_state.outcome
+    if outcome is None:
+        return False
+    if not outcome.failed:
+        result = outcome.result()
+        return isinstance(result, httpx.Response) and result.status_code == 429
+    exc = outcome.exception()
+    return isinstance(exc, (ServerError, RateLimitedError, httpx.ConnectError, httpx.ConnectTimeout,
+                            httpx.PoolTimeout))
+
+
+def _before_sleep(retry_state: RetryCallState) -> None:
+    """Count an attempt the server never acted on (for :func:`was_resent`), then log the retry."""
+    request = retry_state.args[0] if retry_state.args else None
+    if isinstance(request, httpx.Request) and _never_acted(retry_state):
+        request.extensions[REFUSED] = int(request.extensions.get(REFUSED, 0)) + 1
+    _log_retry(retry_state)
 
 
 def _log_retry(retry_state: RetryCallState) -> None:
@@ -203,14 +260,17 @@ def retry_kwargs(max_retries: int = 5, *, initial: float = BACKOFF_INITIAL, maxi
                  retry_after_cap: float = RETRY_AFTER_CAP) -> dict[str, Any]:
     """The one policy: ``Retrying(**retry_kwargs())`` and ``AsyncRetrying(**retry_kwargs())``.
 
-    The retried call returns an ``httpx.Response``; when attempts run out the last response is returned
-    (the flow turns it into a typed error) and the last exception is re-raised.
+    The retried call is ``send_once(request)`` and returns an ``httpx.Response``; when attempts run out
+    the last response is returned (the flow turns it into a typed error) and the last exception is
+    re-raised. Waits: :class:`RetryAfterOrBackoff`, each at most :data:`MAX_WAIT`. Before each retry an
+    attempt the server never acted on is counted on the request (:data:`REFUSED`, read by
+    :func:`was_resent`).
     """
     return {
         "stop": stop_after_attempt(max_retries + 1),
         "wait": RetryAfterOrBackoff(initial, maximum, retry_after_cap),
         "retry": retry_if_exception(should_retry_exception) | retry_if_result(should_retry_response),
         "retry_error_callback": _give_up,
-        "before_sleep": _log_retry,
+        "before_sleep": _before_sleep,
         "reraise": True,
     }

@@ -15,8 +15,10 @@ exists. The rules that make a write safe to repeat:
   write landed, and it is returned. Otherwise a :class:`ConflictError` names the versions.
 * **patch**: read, check the expected version, apply an RFC 7396 merge patch (or a function of the
   current resource), skip the write when nothing changes, and PUT with ``If-Match`` on the version read.
-* **delete**: 410 means already deleted; 404 after a resend means our earlier attempt deleted it; a 404
-  on the first try fails unless ``missing_ok``.
+* **delete**: 410 means already deleted. After a resend whose earlier attempt may have landed (its
+  answer lost; a 429 or a connect error does not count), 404 and 410 both mean our earlier attempt
+  deleted it: servers differ in which they answer for a deleted resource. A 404 on the first try fails
+  unless ``missing_ok``.
 """
 
 from __future__ import annotations

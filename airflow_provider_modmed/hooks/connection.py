@@ -6,17 +6,28 @@ error names the field as the user sees it in the Airflow UI and says how to fix 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from airflow_provider_modmed import profile
 from airflow_provider_modmed.capabilities import Track
-from airflow_provider_modmed.client.config import ClientConfig
-from airflow_provider_modmed.connection_form import CONN_FIELDS, CUSTOM_HOST_EXAMPLES, ENVIRONMENTS
+from airflow_provider_modmed.client.config import ClientConfig, check_firm, origin
+from airflow_provider_modmed.client.limiter import shown_storage_uri, storage_uri_passwords
+from airflow_provider_modmed.connection_form import (
+    CONN_FIELDS,
+    CUSTOM_HOST_EXAMPLES,
+    ENVIRONMENTS,
+    HOST_LABEL,
+    PORT_LABEL,
+)
 from airflow_provider_modmed.errors import ConfigurationError
+
+log = logging.getLogger("airflow_provider_modmed.hooks")
 
 
 def _clean(value: Any) -> Any:
@@ -54,36 +65,94 @@ def _int(extra: Mapping[str, Any], name: str, default: int) -> int:
     return number
 
 
+def storage_uri(uri: str, password: str | None) -> str:
+    """``rate_limit_storage_uri`` with ``rate_limit_storage_password`` put into its user info (URL-quoted).
+
+    The password has a field of its own because Airflow shows the URI field in clear in the UI and the
+    REST API, and masks a field whose name holds "password". A password left in the URI still works
+    (with a warning); one given both ways is refused.
+    """
+    if storage_uri_passwords(uri):
+        if password:
+            raise ConfigurationError("the rate-limit storage password is given twice: in rate_limit_storage_uri "
+                                     "and in rate_limit_storage_password ('Rate-limit storage password'); "
+                                     "keep it only in rate_limit_storage_password")
+        log.warning("modmed: rate_limit_storage_uri holds a password, which Airflow shows in clear in the UI and "
+                    "the REST API: move it to the extra field rate_limit_storage_password")
+    if not password:
+        return uri
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        netloc = ""
+    if not netloc:
+        raise ConfigurationError(f"rate_limit_storage_password is set but rate_limit_storage_uri "
+                                 f"({shown_storage_uri(uri)}) names no host to send it to: use a URI such as "
+                                 "redis://host:6379/0, or clear the password")
+    user, _, hosts = netloc.rpartition("@")
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{user}:{quote(password, safe='')}@{hosts}{rest[len(netloc):]}"
+
+
 def fhir_base_for(track: Track, environment: str, firm: str, host: str | None) -> str:
-    """The FHIR base URL of one practice on one track and environment."""
+    """The FHIR base URL of one practice on one track and environment.
+
+    On the certified track only ``production`` has a documented host; ``sandbox`` and ``training`` are
+    refused (never silently production): such a practice is reached with ``custom`` and its base URL.
+    """
     if environment == "custom":
         if not host:
             raise ConfigurationError(
-                "host ('Custom base URL') is required when environment='custom': for the proprietary track the "
+                f"host ({HOST_LABEL!r}) is required when environment='custom': for the proprietary track the "
                 f"env base, e.g. {CUSTOM_HOST_EXAMPLES['proprietary']}; for the certified track the FHIR base, "
                 f"e.g. {CUSTOM_HOST_EXAMPLES['certified']}")
+        if "{firm}" in host.split("://", 1)[-1].split("/", 1)[0]:  # the firm as a subdomain
+            check_firm(firm, subdomain=True)
         base = host.rstrip("/").replace("{firm}", firm)
         if track is Track.PROPRIETARY and not base.endswith(profile.PROPRIETARY_FHIR_SUFFIX):
             return profile.proprietary_fhir_base(base, firm)
         return base
     if host:
         raise ConfigurationError(
-            f"host ('Custom base URL') is set but environment={environment!r}: set environment to 'custom' to "
+            f"host ({HOST_LABEL!r}) is set but environment={environment!r}: set environment to 'custom' to "
             "use your own base URL, or clear host to use ModMed's published URL")
     if track is Track.PROPRIETARY:
         return profile.proprietary_fhir_base(profile.PROPRIETARY_ENVIRONMENTS[environment], firm)
-    return profile.certified_fhir_base(firm)
+    template = profile.CERTIFIED_ENVIRONMENTS.get(environment)
+    if template is None:
+        raise ConfigurationError(
+            f"environment={environment!r} (extra field 'Environment') has no published host on the certified "
+            f"track: ModMed documents only production ({profile.CERTIFIED_BASE_TEMPLATE}). For a certified "
+            f"{environment} practice set environment to 'custom' and put the practice's FHIR base URL in host "
+            f"({HOST_LABEL!r}), e.g. {CUSTOM_HOST_EXAMPLES['certified']}; for production set environment to "
+            "'production'")
+    return template.format(firm=check_firm(firm, subdomain=True))
 
 
-def _with_port(host: str | None, port: int | None, environment: str) -> str | None:
-    """Apply the connection's port to a custom base URL (the form shows Port beside Host)."""
-    if not port:  # Airflow's UI sends 0 for an empty port
-        return host
-    if environment != "custom" or not host:
-        raise ConfigurationError(f"port ({port}) is only used with environment='custom' and a host ('Custom base "
-                                 "URL'): clear the port, or set environment to 'custom'")
-    url = httpx.URL(host)
-    return str(url.copy_with(port=int(port)))
+def with_port(base: str, port: int | None, environment: str) -> str:
+    """Apply the connection's Port to the FHIR base URL.
+
+    Empty (Airflow's UI sends 0 or null) leaves the URL as it is, so a port written inside the custom
+    base URL is used. A Port fills in a custom URL that names no port, and must otherwise agree with
+    the URL's port (for a published environment, https' 443): a disagreement is an error naming both.
+    """
+    if not port:
+        return base
+    try:
+        url = httpx.URL(base)
+    except httpx.InvalidURL:
+        return base  # ClientConfig names the invalid URL
+    if url.port is None and environment == "custom":
+        return str(url.copy_with(port=int(port)))
+    own = origin(url)[2]
+    if own == int(port):
+        return base
+    if environment == "custom":
+        raise ConfigurationError(f"port ({PORT_LABEL!r}) is {port} but host ({HOST_LABEL!r}) names port {own}: "
+                                 f"clear Port to use {own}, or write the same port in both")
+    raise ConfigurationError(f"port ({PORT_LABEL!r}) is {port} but ModMed's published {environment} URL uses "
+                             f"port {own}: clear Port (or give {own}), or set environment to 'custom' with "
+                             f"your own base URL in host ({HOST_LABEL!r})")
 
 
 def config_from_connection(*, host: str | None, login: str | None, password: str | None,
@@ -105,11 +174,14 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
     firm = _clean(extra.get("firm_url_prefix"))
     if not firm:
         raise ConfigurationError("firm_url_prefix (extra field 'Firm URL prefix') is required: the practice's "
-                                 f"firm prefix, e.g. {profile.PUBLIC_SANDBOX_FIRM} for ModMed's public sandbox")
+                                 "URL prefix, which ModMed hands the partner with the API key, e.g. "
+                                 f"{profile.PUBLIC_SANDBOX_FIRM} for ModMed's public sandbox practice")
+    check_firm(str(firm))  # before any URL is built from it
     default_method = "password" if track is Track.PROPRIETARY else "private_key_jwt"
+    base = fhir_base_for(track, environment, firm, _clean(host))
     values: dict[str, Any] = {
         "track": track,
-        "fhir_base": fhir_base_for(track, environment, firm, _with_port(_clean(host), port, environment)),
+        "fhir_base": with_port(base, port, environment),
         "firm": firm,
         "auth_method": _clean(extra.get("auth_method")) or default_method,
         "api_key": _clean(extra.get("api_key")),
@@ -123,7 +195,8 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
         "scope": _clean(extra.get("scope")),
         "token_url": _clean(extra.get("token_url")),
         "rate_limit_per_minute": _int(extra, "rate_limit_per_minute", 1000),
-        "rate_limit_storage_uri": _clean(extra.get("rate_limit_storage_uri")) or "memory://",
+        "rate_limit_storage_uri": storage_uri(_clean(extra.get("rate_limit_storage_uri")) or "memory://",
+                                              _clean(extra.get("rate_limit_storage_password"))),
         "timeout": float(_int(extra, "timeout", 30)),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})

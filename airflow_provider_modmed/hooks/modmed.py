@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 from airflow.sdk import BaseHook
+from limits.errors import StorageError
 
 from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import AsyncFhirClient, ClientConfig, FhirClient
 from airflow_provider_modmed.client.config import is_loopback
-from airflow_provider_modmed.connection_form import CONN_TYPE, HOOK_NAME
+from airflow_provider_modmed.client.limiter import storage_uri_passwords
+from airflow_provider_modmed.connection_form import CONN_FIELDS, CONN_TYPE, HOOK_NAME, HOST_LABEL
 from airflow_provider_modmed.errors import (
     AuthError,
     ConfigurationError,
@@ -26,10 +28,12 @@ from airflow_provider_modmed.hooks.connection import config_from_connection
 
 
 def _mask(config: ClientConfig) -> None:
-    """Register the connection's secrets with Airflow's masker (a PEM key line by line too)."""
+    """Register the connection's secrets with Airflow's masker (a PEM key line by line too, and the password
+    inside the rate-limit storage URI, as written there and decoded)."""
     from airflow.sdk.log import mask_secret
 
-    for value in (config.api_key, config.password, config.client_secret, config.private_key):
+    for value in (config.api_key, config.password, config.client_secret, config.private_key,
+                  *sorted(storage_uri_passwords(config.rate_limit_storage_uri))):
         if value:
             mask_secret(value)
     if config.private_key:
@@ -43,7 +47,8 @@ class ModMedHook(BaseHook):
 
     The connection's Extra holds ``track``, ``environment``, ``firm_url_prefix``, ``auth_method``,
     ``api_key``, ``client_id``, ``client_secret``, ``private_key``, ``key_id``, ``jwt_algorithm``,
-    ``scope``, ``token_url``, ``rate_limit_per_minute``, ``rate_limit_storage_uri`` and ``timeout``;
+    ``scope``, ``token_url``, ``rate_limit_per_minute``, ``rate_limit_storage_uri``,
+    ``rate_limit_storage_password`` and ``timeout``;
     ``login``/``password`` are the password-grant username and password and ``host`` a custom base URL.
 
     :param modmed_conn_id: the connection id (one per practice and track)
@@ -136,19 +141,38 @@ class ModMedHook(BaseHook):
             # one quick retry at most: the Test button should answer in seconds, not minutes
             with FhirClient(dataclasses.replace(config, max_retries=min(config.max_retries, 1))) as client:
                 first = next(iter(client.search("Patient", count=1)), None)
-        except ConfigurationError as exc:
-            return False, f"Connection is misconfigured: {exc}"
-        except ForbiddenError as exc:
-            hint = ("the API key (extra field 'API key') was refused" if config.resolved_track is Track.PROPRIETARY
-                    else "the client lacks a scope or the practice has not enabled it (consent)")
-            return False, f"Forbidden (403) by {where}: {hint}. {exc}"
-        except AuthError as exc:
-            return False, (f"Authentication failed against {where}: check the {config.resolved_auth_method.value} "
-                           f"credentials. {exc}")
-        except TransportError as exc:
-            return False, f"Could not reach {where} (DNS, TLS, refused connection or timeout): {exc}"
         except ModMedError as exc:
-            return False, f"{where} answered an error: {exc}"
+            return False, _failure(config, where, exc)
         elapsed = (time.monotonic() - started) * 1000
         found = "a Patient" if first is not None else "no Patient"
         return True, f"Connected to {where}: authenticated and searched Patient ({found}) in {elapsed:.0f} ms"
+
+
+def _field(name: str) -> str:
+    """A connection field as the user finds it: its Extra key and its label in the form."""
+    return f"{name} ({CONN_FIELDS[name]['label']!r})"
+
+
+def _failure(config: ClientConfig, where: str, exc: ModMedError) -> str:
+    """The Test button's message for a failed test: what happened, and which field to look at."""
+    if isinstance(exc, TransportError) and isinstance(exc.__cause__, StorageError):
+        return (f"The rate-limit storage is unreachable, so {where} was not called: check "
+                f"{_field('rate_limit_storage_uri')} (start that Redis, correct the URI, or use memory://). {exc}")
+    if exc.status_code == 404:
+        if isinstance(exc, AuthError) and config.token_url:
+            return (f"The token endpoint of {where} answered 404 Not Found: check {_field('token_url')}. {exc}")
+        return (f"{where} answered 404 Not Found: ModMed knows no practice with {_field('firm_url_prefix')} "
+                f"{config.firm!r} there. Use the prefix ModMed handed you with the API key for this practice, and "
+                f"check {_field('environment')} or host ({HOST_LABEL!r}). {exc}")
+    if isinstance(exc, ConfigurationError):
+        return f"Connection is misconfigured: {exc}"
+    if isinstance(exc, ForbiddenError):
+        hint = (f"the API key ({_field('api_key')}) was refused" if config.resolved_track is Track.PROPRIETARY
+                else "the client lacks a scope or the practice has not enabled it (consent)")
+        return f"Forbidden (403) by {where}: {hint}. {exc}"
+    if isinstance(exc, AuthError):
+        return (f"Authentication failed against {where}: check the {config.resolved_auth_method.value} "
+                f"credentials. {exc}")
+    if isinstance(exc, TransportError):
+        return f"Could not reach {where} (DNS, TLS, refused connection or timeout): {exc}"
+    return f"{where} answered an error: {exc}"

@@ -61,7 +61,11 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
     :param return_resources: also return the resources (patient data!) under ``"resources"``.
     :param max_xcom_resources: at most this many resources are returned (``resources_truncated``).
     :param headers: extra request headers (e.g. ``{"Content-flag": "Referral"}``).
-    :return: ``{"path", "count", "ids", "ids_truncated", "resource_type", "window"}``.
+    :param includes: included resources (``_include``/``_revinclude``, ``search.mode = include``) never go
+        to the main file: ``"separate"`` (default) writes each type beside it as
+        ``{stem}.include.{Type}.ndjson`` (only when some arrive); ``"drop"`` counts and discards them.
+    :return: ``{"path", "count", "ids", "ids_truncated", "resource_type", "window", "included",
+        "included_dropped"}``; ``included`` is ``{Type: {"path", "count"}}``.
     """
 
     template_fields: Sequence[str] = ("modmed_conn_id", "resource_type", "search_params", "output_path",
@@ -75,7 +79,7 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
                  last_updated_start: Any = None, last_updated_end: Any = None, incremental: bool = False,
                  count: int | None = None, max_ids: int = DEFAULT_MAX_IDS, return_resources: bool = False,
                  max_xcom_resources: int = DEFAULT_MAX_XCOM_RESOURCES, headers: Mapping[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 includes: str = "separate", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.resource_type = resource_type
         self.search_params = search_params
@@ -90,6 +94,8 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
         self.return_resources = return_resources
         self.max_xcom_resources = max_xcom_resources
         self.headers = dict(headers or {})
+        self.includes = includes
+        self._included_paths: list[str] = []
 
     def _default_path(self, context: Context) -> str:
         base = output_base(self.output_base)
@@ -144,10 +150,15 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
         with self.fail_fast():
             result = self.run_closing(lambda: search_to_ndjson(
                 client, rt, path, params, window=window, count=self.count, headers=self.headers or None,
-                max_ids=self.max_ids, keep_resources=keep))
+                max_ids=self.max_ids, keep_resources=keep, includes=self.includes))
         stats = result.summary()
         log.info("Wrote %d %s resources to %s (read %d, %d duplicates dropped, %d outside the window)",
                  result.count, rt, path, stats["scanned"], stats["duplicates"], stats["outside_window"])
+        for included_type, written in result.included.items():
+            log.info("Wrote %d included %s resources to %s", written["count"], included_type, written["path"])
+        if result.included_dropped:
+            log.info("Dropped %d included resources (includes='drop')", result.included_dropped)
+        self._included_paths = [written["path"] for written in result.included.values()]
         if result.ids_truncated:
             log.info("Returning the first %d of %d ids (max_ids); the file has them all", self.max_ids,
                      result.count)
@@ -156,7 +167,8 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
                                "window": None if window is None else {
                                    "start": window.start.isoformat() if window.start else None,
                                    "end": window.end.isoformat() if window.end else None,
-                                   "mode": result.window_mode}}
+                                   "mode": result.window_mode},
+                               "included": result.included, "included_dropped": result.included_dropped}
         if self.return_resources:
             if result.resources_truncated:
                 log.warning("return_resources: returning %d of %d resources (max_xcom_resources); read the "
@@ -167,5 +179,6 @@ class ModMedSearchResourcesOperator(ModMedBaseOperator):
 
     def lineage_datasets(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         outputs = [storage_dataset(str(self.output_path))] if self.output_path else []
+        outputs += [storage_dataset(p) for p in self._included_paths]
         return [(self.lineage_namespace(), self.resource_type)], outputs
 

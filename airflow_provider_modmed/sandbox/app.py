@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,6 +50,24 @@ def _key_label(api_key: str) -> str:
 
 def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
     return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+#: the header that carries the admin token (``Authorization: Bearer <token>`` works too)
+ADMIN_TOKEN_HEADER = "x-sandbox-admin-token"
+
+
+def _admin_refusal(request: Request, token: str | None) -> Response | None:
+    """``None`` when ``/_sandbox/*`` may answer ``request``: no token configured, or the right one sent."""
+    if not token:
+        return None
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    sent = request.headers.get(ADMIN_TOKEN_HEADER) or (value.strip() if scheme.lower() == "bearer" else "")
+    if sent and hmac.compare_digest(sent.encode(), token.encode()):
+        return None
+    status = 403 if sent else 401
+    return JSONResponse({"error": "the admin endpoints need the admin token printed by `modmed-sandbox serve` "
+                         f"at start: send 'Authorization: Bearer <token>' or '{ADMIN_TOKEN_HEADER}: <token>'"},
+                        status_code=status, headers={"WWW-Authenticate": 'Bearer realm="modmed-sandbox-admin"'})
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -252,18 +271,39 @@ def build_api_app(state: SandboxState) -> Starlette:
         return await guarded(request, "proprietary", work)
 
     # -- admin -------------------------------------------------------------------------------
+    def admin(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            refused = _admin_refusal(request, state.config.admin_token)
+            if refused is not None:
+                state.stats["admin_refused"] += 1
+                return refused
+            return await handler(request)
+        return endpoint
+
     async def admin_credentials(request: Request) -> Response:
         return JSONResponse(state.credentials_document())
 
     async def admin_faults(request: Request) -> Response:
         if request.method == "DELETE":
             state.reset_faults()
-        else:
+        elif request.method == "POST":  # GET reads the current faults
             try:
                 state.apply_faults(await request.json())
             except (KeyError, TypeError, ValueError) as exc:
                 return JSONResponse({"error": f"unknown or bad fault: {exc}"}, status_code=400)
         return JSONResponse(state.faults.__dict__)
+
+    async def admin_client_jwks(request: Request) -> Response:
+        client_id = request.path_params["client_id"]
+        if request.method == "PUT":  # register or replace: a JWKS without a kid retires that key
+            try:
+                creds.register_jwks(client_id, await request.json())
+            except ValueError as exc:  # InvalidKey, or a body that is not JSON
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        keys = creds.client_jwks().get(client_id)
+        if keys is None:
+            return JSONResponse({"error": f"no JWKS is registered for client {client_id!r}"}, status_code=404)
+        return JSONResponse({"keys": keys})
 
     async def admin_stats(request: Request) -> Response:
         if request.method == "DELETE":
@@ -315,11 +355,13 @@ def build_api_app(state: SandboxState) -> Starlette:
         Route(cp + "/{rtype}/{rid}", certified(interactions.read, Interaction.READ), methods=["GET"]),
         Route(cp + "/{rtype}/{rid}", certified(interactions.update, Interaction.UPDATE), methods=["PUT"]),
         Route(cp + "/{rtype}/{rid}", certified(interactions.delete, Interaction.DELETE), methods=["DELETE"]),
-        Route("/_sandbox/credentials", admin_credentials, methods=["GET"]),
-        Route("/_sandbox/faults", admin_faults, methods=["GET", "POST", "DELETE"]),
-        Route("/_sandbox/stats", admin_stats, methods=["GET", "DELETE"]),
-        Route("/_sandbox/resources/{rtype}", admin_resources, methods=["GET", "POST"]),
-        Route("/_sandbox/resources/{rtype}/{rid}", admin_resources, methods=["PUT", "DELETE"]),
+        Route("/_sandbox/credentials", admin(admin_credentials), methods=["GET"]),
+        Route("/_sandbox/faults", admin(admin_faults), methods=["GET", "POST", "DELETE"]),
+        Route("/_sandbox/stats", admin(admin_stats), methods=["GET", "DELETE"]),
+        Route("/_sandbox/clients/{client_id}/jwks", admin(admin_client_jwks), methods=["GET", "PUT"]),
+        Route("/_sandbox/resources/{rtype}", admin(admin_resources), methods=["GET", "POST"]),
+        Route("/_sandbox/resources/{rtype}/{rid}", admin(admin_resources), methods=["PUT", "DELETE"]),
+        Route("/_sandbox/{path:path}", admin(not_found), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
     return Starlette(routes=routes)

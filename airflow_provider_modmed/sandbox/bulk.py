@@ -16,6 +16,7 @@ import re
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -27,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 
 from airflow_provider_modmed.capabilities import BULK_FILE_MAX_RESOURCES, EXPORT_LEVELS, MATRIX
 from airflow_provider_modmed.client.instants import InvalidInstantError, format_instant, instant_ms
-from airflow_provider_modmed.sandbox.http import FhirError, outcome
+from airflow_provider_modmed.sandbox.http import FhirError, InjectedFault, outcome
 from airflow_provider_modmed.sandbox.smart import scope_allows
 from airflow_provider_modmed.sandbox.state import SandboxState
 from airflow_provider_modmed.sandbox.store import extract_params
@@ -48,6 +49,10 @@ _STREAM_BATCH = 200
 
 class TruncatedDownload(ConnectionError):
     """Raised inside a file's stream to drop the connection mid-body (fault, or a store that changed)."""
+
+
+class _InjectedTruncation(TruncatedDownload, InjectedFault):
+    """The ``truncate_downloads`` fault: logged as one line, not as an application error."""
 
 
 def _is_certified(resource_type: str) -> bool:
@@ -190,6 +195,22 @@ def _line_files(prefix: str, resource_type: str, lines: Sequence[str]) -> list[_
             for i in range(0, len(lines), size)]
 
 
+async def _rechunk(chunks: AsyncIterator[bytes], lines: int) -> AsyncIterator[bytes]:
+    """The same bytes, ``lines`` NDJSON lines per chunk (the ``bulk_chunk_lines`` fault)."""
+    async for chunk in chunks:
+        rows = chunk.splitlines(keepends=True)
+        for i in range(0, len(rows), lines):
+            yield b"".join(rows[i:i + lines])
+
+
+async def _gzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream gzip-encoded (the ``bulk_gzip`` fault), flushed after every chunk so chunks stay chunks."""
+    encoder = zlib.compressobj(6, zlib.DEFLATED, 31)
+    async for chunk in chunks:
+        yield encoder.compress(chunk) + encoder.flush(zlib.Z_SYNC_FLUSH)
+    yield encoder.flush()
+
+
 def _not_found_xml() -> Response:
     body = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code>'
             "<Message>The specified key does not exist.</Message></Error>")
@@ -327,8 +348,11 @@ class BulkExports:
         sections = self._freeze(job)
         remaining = max(1.0, JOB_TTL_SECONDS - elapsed)
 
+        error_count = self.state.faults.bulk_error_count
+
         def items(files: Iterable[_OutputFile | _LineFile]) -> list[dict[str, Any]]:
-            return [{"type": f.resource_type, "count": f.count,
+            return [{"type": f.resource_type,
+                     "count": error_count if error_count >= 0 and f.resource_type == "OperationOutcome" else f.count,
                      "url": self.state.presign(f"/bulk/{job.id}/{f.name}", ttl=remaining)} for f in files]
 
         manifest: dict[str, Any] = {
@@ -365,6 +389,9 @@ class BulkExports:
         state = self.state
         with state.lock:
             state.stats["bulk_downloads"] += 1
+            state.stats[f"bulk_downloads:{file_name}"] += 1
+            lines_per_chunk = state.faults.bulk_chunk_lines
+            gzip = state.faults.bulk_gzip and "gzip" in request.headers.get("accept-encoding", "")
             truncate = state.faults.truncate_downloads > 0
             if truncate:
                 state.faults.truncate_downloads -= 1
@@ -377,8 +404,14 @@ class BulkExports:
         else:
             length = sum(len(line.encode()) + 1 for line in entry.lines)
             chunks = self._line_chunks(entry.lines)
-        return StreamingResponse(self._stream(chunks, length, truncate), media_type=NDJSON,
-                                 headers={"Content-Length": str(length)})
+        if lines_per_chunk > 0:  # one chunk per n lines
+            chunks = _rechunk(chunks, lines_per_chunk)
+        body = self._stream(chunks, length, truncate)
+        if gzip:  # without Content-Length: chunked encoding, one gzip chunk per chunk
+            return StreamingResponse(_gzip(body), media_type=NDJSON, headers={"Content-Encoding": "gzip"})
+        if lines_per_chunk > 0:  # without Content-Length: chunked encoding
+            return StreamingResponse(body, media_type=NDJSON)
+        return StreamingResponse(body, media_type=NDJSON, headers={"Content-Length": str(length)})
 
     async def _stream(self, chunks: AsyncIterator[bytes], length: int,
                       truncate: bool) -> AsyncIterator[bytes]:
@@ -396,7 +429,7 @@ class BulkExports:
             sent += len(chunk)
             yield chunk
         if truncate:
-            raise TruncatedDownload("sandbox fault: bulk download truncated mid-body")
+            raise _InjectedTruncation("sandbox fault: bulk download truncated mid-body (truncate_downloads)")
         if sent != length:
             # the store changed under the file since Content-Length was computed: fail loudly
             raise TruncatedDownload("bulk file changed while it was being sent")

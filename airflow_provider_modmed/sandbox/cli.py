@@ -1,4 +1,7 @@
-"""``modmed-sandbox``: run the ModMed emulator, or print its credentials."""
+"""``modmed-sandbox``: run the ModMed emulator, print its credentials, make keys for the certified track.
+
+Imports no Airflow (``airflow.cfg`` is never read): ``tests/integration/test_sandbox_cli.py`` checks it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_modmed.sandbox.state import SandboxConfig
+
+#: the environment variable ``credentials`` and ``keys register`` read the admin token from
+ADMIN_TOKEN_ENV = "MODMED_SANDBOX_ADMIN_TOKEN"
+
+
+class CliError(Exception):
+    """A message for the user; ``main`` prints it and exits 1."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "API tracks (proprietary partner API and ONC-certified API).")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("serve", "credentials"):
-        p = sub.add_parser(name, help="run the sandbox" if name == "serve" else "print the credentials")
+        p = sub.add_parser(name, help="run the sandbox" if name == "serve" else (
+            "print the credentials of the sandbox running on --port (asked over its admin endpoint)"))
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8899)
         p.add_argument("--storage-port", type=int, default=None,
@@ -32,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
                      "cert-client-secret"):
             p.add_argument(f"--{flag}", default=None, help=f"override the seeded {flag.replace('-', ' ')}")
         p.add_argument("--json", action="store_true", help="print credentials as JSON")
+        if name == "credentials":
+            p.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                           help="the admin token of a sandbox started with --allow-remote "
+                           f"(default: ${ADMIN_TOKEN_ENV})")
         if name == "serve":
+            p.add_argument("--allow-remote", action="store_true",
+                           help="allow a --host beyond loopback (e.g. 0.0.0.0); /_sandbox/* then requires the "
+                           "admin token printed at start")
             p.add_argument("--patients", type=int, default=100)
             p.add_argument("--rate-limit-per-minute", type=int, default=1000)
             p.add_argument("--token-ttl", type=float, default=3600.0,
@@ -42,7 +61,35 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--export-seconds", type=float, default=2.0)
             p.add_argument("--expires-in", action="store_true",
                            help="send expires_in on password grants (ModMed omits it)")
+    _keys_parser(sub.add_parser("keys", help="make and combine key pairs for the certified track's "
+                                "private_key_jwt (the JWKS to register with ModMed)"))
     return parser
+
+
+def _keys_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="keys_command", required=True)
+    new = sub.add_parser("new", help="a new key pair: the private key (PEM) for the connection's private_key, "
+                         "the public JWKS to register")
+    new.add_argument("--alg", choices=("ES384", "RS384"), default="ES384", type=str.upper,
+                     help="the connection's jwt_algorithm (ES384: EC P-384; RS384: RSA 2048)")
+    new.add_argument("--kid", default=None, help="the key id (the connection's key_id); default: from the "
+                     "key's thumbprint")
+    new.add_argument("--private-key-out", type=Path, default=None,
+                     help="write the private key to this new file (mode 0600) and print only the JWKS")
+    new.add_argument("--json", action="store_true", help="print {kid, alg, private_key, jwks} as JSON")
+    jwks = sub.add_parser("jwks", help="one public JWKS from JWKS/JWK files and PEM keys (rotation: the old "
+                          "and the new key together; --retire drops a kid)")
+    jwks.add_argument("sources", nargs="*", type=Path, help="JWKS or JWK JSON files ('-' for stdin)")
+    jwks.add_argument("--pem", action="append", default=[], metavar="KID=PATH",
+                      help="a PEM key (private or public) to publish under KID")
+    jwks.add_argument("--retire", action="append", default=[], metavar="KID", help="leave this kid out")
+    reg = sub.add_parser("register", help="register a client's JWKS in a running sandbox (replaces the "
+                         "client's keys; a kid left out is retired)")
+    reg.add_argument("jwks_file", type=Path, help="the JWKS JSON file ('-' for stdin)")
+    reg.add_argument("--client-id", required=True)
+    reg.add_argument("--host", default="127.0.0.1")
+    reg.add_argument("--port", type=int, default=8899)
+    reg.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV))
 
 
 def _config(args: argparse.Namespace) -> SandboxConfig:
@@ -61,12 +108,13 @@ def _config(args: argparse.Namespace) -> SandboxConfig:
         config.presign_ttl = args.presign_ttl
         config.export_seconds = args.export_seconds
         config.omit_expires_in = not args.expires_in
+        config.allow_remote = args.allow_remote
     return config
 
 
-def _print_credentials(doc: dict[str, Any], as_json: bool) -> None:
+def _print_credentials(doc: dict[str, Any], as_json: bool, admin_token: str | None = None) -> None:
     if as_json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps({**doc, "admin_token": admin_token} if admin_token else doc, indent=2))
         return
     prop, cert = doc["proprietary"], doc["certified"]
     print(f"ModMed sandbox: API {doc['api_url']}  object storage {doc['storage_url']}")
@@ -75,24 +123,152 @@ def _print_credentials(doc: dict[str, Any], as_json: bool) -> None:
     print("  credentials: modmed-sandbox credentials --json (secrets are not printed here)")
     for conn_id in doc.get("airflow_connections", {}):
         print(f"  Airflow connection: {conn_id}")
+    if admin_token:
+        print(f"  admin endpoints /_sandbox/* need: Authorization: Bearer {admin_token}")
+
+
+def _remote_notice(config: SandboxConfig) -> None:
+    print(f"modmed-sandbox: listening on {config.host} beyond loopback. The FHIR credentials are derived from "
+          "--seed (anyone who knows it can compute them): pass --api-key, --password, --client-secret and "
+          "--cert-client-secret for secrets of your own. The client sends credentials over plain http only "
+          "to loopback: reach this sandbox through an SSH tunnel or a TLS proxy.", file=sys.stderr)
+
+
+def _admin_url(host: str, port: int, path: str) -> str:
+    """The admin endpoint of a sandbox listening on ``host``: a wildcard address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
+def _admin_call(method: str, url: str, admin_token: str | None, **kwargs: Any) -> Any:
+    """One admin request; ``None`` when nothing listens there."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=10, **kwargs)
+    except httpx.TransportError:
+        return None
+    if response.status_code in (401, 403):
+        raise CliError(f"the sandbox at {url} wants its admin token (printed by `modmed-sandbox serve "
+                       f"--allow-remote`): pass --admin-token or set ${ADMIN_TOKEN_ENV}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400 or not isinstance(body, dict):
+        detail = body.get("error") if isinstance(body, dict) else response.text[:200]
+        raise CliError(f"{method} {url} answered {response.status_code}: {detail}")
+    return body
+
+
+def _credentials(config: SandboxConfig, admin_token: str | None) -> dict[str, Any]:
+    """The credentials the sandbox on ``--port`` accepts: asked over its admin endpoint.
+
+    Only when no sandbox answers, and ``--data-dir`` holds (or will hold) its keys, are they computed here
+    from ``--seed``, ``--data-dir`` and the overrides: valid for a sandbox started with the same flags.
+    Without ``--data-dir`` a sandbox generates its keys at start, so there is nothing to compute.
+    """
+    url = _admin_url(config.host, config.port, "/_sandbox/credentials")
+    served = _admin_call("GET", url, admin_token)
+    if served is not None:
+        if "airflow_connections" not in served:
+            raise CliError(f"{url} is not a modmed-sandbox (its answer holds no airflow_connections)")
+        return dict(served)
+    if config.data_dir is None:
+        raise CliError(f"no sandbox answers on {url}: start it first (`modmed-sandbox serve --port {config.port}`)"
+                       ", then run this again. Its private_key_jwt keys are generated at start unless "
+                       "--data-dir keeps them; with the same --data-dir (and --seed) given here, the "
+                       "credentials can be printed before it starts")
+    from airflow_provider_modmed.sandbox.credentials import credentials_document, make_credentials
+
+    print(f"modmed-sandbox: no sandbox answers on {url}; printing the credentials of a sandbox started with "
+          f"--data-dir {config.data_dir} --seed {config.seed} (and the same overrides)", file=sys.stderr)
+    creds = make_credentials(firm=config.firm, seed=config.seed, data_dir=config.data_dir,
+                             overrides=config.credential_overrides)
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    return credentials_document(creds, api_url=f"http://{host}:{config.port}",
+                                storage_url=f"http://{host}:{config.storage_port}")
+
+
+def _read_json(path: Path) -> Any:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"{path}: not JSON ({exc})") from None
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from airflow_provider_modmed.sandbox import keys
+
+    if args.keys_command == "new":
+        key = keys.generate_key(args.alg)
+        kid = args.kid or keys.thumbprint_kid(key, args.alg)
+        pem = key.as_pem(private=True).decode("ascii")
+        jwks = {"keys": [keys.public_jwk(key, kid=kid, algorithm=args.alg)]}
+        if args.json:
+            print(json.dumps({"kid": kid, "alg": args.alg, "private_key": pem, "jwks": jwks}, indent=2))
+            return 0
+        if args.private_key_out is not None:
+            if not keys.write_private_key(args.private_key_out, pem.encode()):
+                raise CliError(f"{args.private_key_out} exists; choose a new file (keys are never overwritten)")
+            print(f"private key written to {args.private_key_out} (mode 0600)", file=sys.stderr)
+        else:
+            print(pem, end="")
+        print(json.dumps(jwks, indent=2))
+        print(f"connection extra: auth_method=private_key_jwt, jwt_algorithm={args.alg}, key_id={kid}, "
+              "private_key=<the PEM>; register the JWKS with ModMed (keep it: `keys jwks` adds the next key "
+              "for a rotation)", file=sys.stderr)
+        return 0
+    if args.keys_command == "jwks":
+        sources = [keys.public_jwks(_read_json(path), where=str(path)) for path in args.sources]
+        for item in args.pem:
+            kid, sep, path = item.partition("=")
+            if not sep or not kid or not path:
+                raise CliError(f"--pem {item!r}: expected KID=PATH")
+            key, alg = keys.key_from_pem(Path(path).read_bytes(), where=path)
+            sources.append([keys.public_jwk(key, kid=kid, algorithm=alg)])
+        if not sources:
+            raise CliError("name at least one JWKS file or --pem KID=PATH")
+        print(json.dumps(keys.combine_jwks(sources, retire=args.retire), indent=2))
+        return 0
+    published = keys.public_jwks(_read_json(args.jwks_file), where=str(args.jwks_file))
+    url = _admin_url(args.host, args.port, f"/_sandbox/clients/{args.client_id}/jwks")
+    registered = _admin_call("PUT", url, args.admin_token, json={"keys": published})
+    if registered is None:
+        raise CliError(f"no sandbox answers on {url}: start it with `modmed-sandbox serve --port {args.port}`")
+    kids = [k["kid"] for k in registered["keys"]]
+    print(f"client {args.client_id!r} now authenticates with kid(s) {', '.join(kids)}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = _config(args)
-    if args.command == "credentials":
-        from airflow_provider_modmed.sandbox.credentials import credentials_document, make_credentials
+    try:
+        if args.command == "keys":
+            return _keys(args)
+        config = _config(args)
+        if args.command == "credentials":
+            _print_credentials(_credentials(config, args.admin_token), args.json)
+            return 0
+    except (CliError, ValueError, OSError) as exc:  # InvalidKey is a ValueError
+        print(f"modmed-sandbox: {exc}", file=sys.stderr)
+        return 1
+    return _serve(args, config)
 
-        creds = make_credentials(firm=config.firm, seed=config.seed, data_dir=config.data_dir,
-                                 overrides=config.credential_overrides)
-        host = config.host if ":" not in config.host else f"[{config.host}]"
-        doc = credentials_document(creds, api_url=f"http://{host}:{config.port}",
-                                   storage_url=f"http://{host}:{config.storage_port}")
-        _print_credentials(doc, args.json)
-        return 0
+
+def _serve(args: argparse.Namespace, config: SandboxConfig) -> int:
+    from airflow_provider_modmed.sandbox.server import RemoteBindRefused, SandboxServer, check_bind
+
+    try:
+        config = check_bind(config)  # before anything is bound
+    except RemoteBindRefused as exc:
+        print(f"modmed-sandbox: {exc}", file=sys.stderr)
+        return 2
+    if config.admin_token:
+        _remote_notice(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from airflow_provider_modmed.sandbox.server import SandboxServer
-
     server = SandboxServer(config)
 
     async def run() -> None:
@@ -101,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(0.05)
             if task.done():
                 await task
-        _print_credentials(server.state.credentials_document(), args.json)
+        _print_credentials(server.state.credentials_document(), args.json, server.admin_token)
         sys.stdout.flush()
         await task
 

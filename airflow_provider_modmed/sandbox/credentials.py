@@ -9,16 +9,13 @@ certified track's ``private_key_jwt`` clients (RS384: RSA 2048; ES384: EC P-384)
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
 
 from joserfc.jwk import ECKey, RSAKey
 
@@ -29,6 +26,14 @@ from airflow_provider_modmed.profile import (
     environment_path,
     proprietary_fhir_base,
     proprietary_grant_url,
+)
+from airflow_provider_modmed.sandbox.keys import (
+    InvalidKey,
+    generate_key,
+    public_jwk,
+    public_jwks,
+    thumbprint_kid,
+    write_private_key,
 )
 
 __all__ = [
@@ -90,15 +95,35 @@ class SandboxCredentials:
     # certified track, private_key_jwt
     rs384: AsymmetricClient
     es384: AsymmetricClient
+    #: JWKS registered at run time (``PUT /_sandbox/clients/{client_id}/jwks``): client id -> public JWKs.
+    #: A client listed here authenticates with these keys only (the seeded two included, once re-registered)
+    registered_jwks: dict[str, list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def asymmetric_clients(self) -> tuple[AsymmetricClient, ...]:
-        """The registered ``private_key_jwt`` clients."""
+        """The seeded ``private_key_jwt`` clients (their private keys are printed in the credentials)."""
         return (self.rs384, self.es384)
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS (public keys only) of both asymmetric clients."""
         return {"keys": [dict(c.public_jwk) for c in self.asymmetric_clients]}
+
+    def client_jwks(self) -> dict[str, list[dict[str, Any]]]:
+        """Every ``private_key_jwt`` client's registered public keys: client id -> JWKs."""
+        seeded = {c.client_id: [dict(c.public_jwk)] for c in self.asymmetric_clients}
+        return {**seeded, **self.registered_jwks}
+
+    def register_jwks(self, client_id: str, jwks: Any) -> list[dict[str, Any]]:
+        """Register (or replace) the JWKS of ``client_id``, as a partner does with ModMed; returns its keys.
+
+        Replacing is how a key is retired: the new JWKS no longer lists its ``kid``. Raises
+        :class:`~airflow_provider_modmed.sandbox.keys.InvalidKey` for an unusable JWKS or client id.
+        """
+        if not client_id or client_id in (self.cert_client_id, self.cc_client_id):
+            raise InvalidKey(f"client {client_id!r} cannot take a JWKS: it authenticates with a client secret")
+        keys = public_jwks(jwks, where=f"JWKS of client {client_id!r}")
+        self.registered_jwks[client_id] = keys
+        return keys
 
 
 def _secret(label: str, firm: str, seed: int) -> str:
@@ -106,48 +131,15 @@ def _secret(label: str, firm: str, seed: int) -> str:
     return digest[:28]
 
 
-def _thumbprint_hex(key: RSAKey | ECKey) -> str:
-    raw = key.thumbprint()
-    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
-
-
-def _write_private(path: Path, pem: bytes) -> bool:
-    """Create ``path`` (mode 0600) holding ``pem`` unless it exists; True when this call wrote it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces a key another process just wrote
-        except FileExistsError:
-            return False
-        except OSError:  # filesystems without hard links
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _load_or_generate(algorithm: str, data_dir: Path | None) -> tuple[RSAKey | ECKey, str | None]:
     filename = _RS384_FILE if algorithm == "RS384" else _ES384_FILE
     key_cls: type[RSAKey] | type[ECKey] = RSAKey if algorithm == "RS384" else ECKey
-
-    def generate() -> RSAKey | ECKey:
-        if algorithm == "RS384":
-            return RSAKey.generate_key(2048, private=True)
-        return ECKey.generate_key("P-384", private=True)
-
     if data_dir is None:
-        return generate(), None
+        return generate_key(algorithm), None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = data_dir / filename
     if not path.exists():
-        _write_private(path, generate().as_pem(private=True))
+        write_private_key(path, generate_key(algorithm).as_pem(private=True))
     try:
         key = key_cls.import_key(path.read_bytes())
     except Exception as exc:
@@ -162,15 +154,13 @@ def _load_or_generate(algorithm: str, data_dir: Path | None) -> tuple[RSAKey | E
 
 def _asymmetric_client(client_id: str, algorithm: str, data_dir: Path | None) -> AsymmetricClient:
     key, path = _load_or_generate(algorithm, data_dir)
-    key_id = f"sbx-{algorithm.lower()}-{_thumbprint_hex(key)[:8]}"
-    public = {str(k): v for k, v in key.as_dict(private=False).items()}
-    public.update({"kid": key_id, "alg": algorithm, "use": "sig"})
+    key_id = thumbprint_kid(key, algorithm, prefix="sbx-")
     return AsymmetricClient(
         client_id=client_id,
         key_id=key_id,
         algorithm=algorithm,
         private_key_pem=key.as_pem(private=True).decode("ascii"),
-        public_jwk=public,
+        public_jwk=public_jwk(key, kid=key_id, algorithm=algorithm),
         private_key_path=path,
     )
 
@@ -204,17 +194,31 @@ def make_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, seed: int = 0, data_dir
     return replace(creds, **changes) if changes else creds
 
 
-def _connection_uri(conn_id: str, conn: Mapping[str, Any]) -> str:
-    from airflow.sdk import Connection  # lazy: importing Airflow takes about a second
+def _connection_uri(conn: Mapping[str, Any]) -> str:
+    """``conn`` as an Airflow connection URI, laid out as ``airflow.sdk.Connection.get_uri()`` lays it out.
 
-    return Connection(
-        conn_id=conn_id,
-        conn_type=conn["conn_type"],
-        host=conn.get("host"),
-        login=conn.get("login"),
-        password=conn.get("password"),
-        extra=json.dumps(conn["extra"]),
-    ).get_uri()
+    Built here, not by Airflow: ``modmed-sandbox`` must run without importing Airflow (which reads
+    ``airflow.cfg`` and takes about a second). Tests parse every URI back with Airflow's two Connection
+    classes (``tests/unit/test_sandbox_smart.py::test_connection_uris_round_trip``).
+    """
+    conn_type = str(conn["conn_type"])
+    uri = f"{conn_type}://"
+    host = str(conn.get("host") or "")
+    scheme, sep, rest = host.partition("://")
+    if sep and scheme != conn_type:  # Airflow keeps a host's own scheme in front of the quoted host
+        uri, host = f"{uri}{scheme}://", rest
+    login, password = conn.get("login"), conn.get("password")
+    userinfo = (quote(login, safe="") if login is not None else "") + (
+        f":{quote(password, safe='')}" if password is not None else "")
+    uri += (f"{userinfo}@" if userinfo else "") + quote(host, safe="")
+    extra: Mapping[str, Any] = conn.get("extra") or {}
+    if not extra:
+        return uri
+    flat = all(isinstance(v, str) for v in extra.values())
+    query = urlencode(extra) if flat else ""
+    if not flat or dict(parse_qsl(query, keep_blank_values=True)) != dict(extra):
+        query = urlencode({"__extra__": json.dumps(extra)})
+    return f"{uri}/?{query}"
 
 
 def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url: str,
@@ -222,9 +226,10 @@ def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url
     """The credentials JSON of the sandbox contract ("The credentials JSON").
 
     ``airflow_connections`` values use Airflow's JSON connection format (usable as
-    ``AIRFLOW_CONN_<ID>``); ``airflow_connection_uris`` holds the same connections as URIs built by
-    ``airflow.sdk.Connection.get_uri()``. ``env`` names one of ModMed's environments (``sandbox``,
-    ``training``, ``production``): the proprietary URLs use its path on loopback (``/ema-dev/firm``, ...).
+    ``AIRFLOW_CONN_<ID>``); ``airflow_connection_uris`` holds the same connections as URIs in the layout
+    of ``airflow.sdk.Connection.get_uri()`` (built without importing Airflow). ``env`` names one of
+    ModMed's environments (``sandbox``, ``training``, ``production``): the proprietary URLs use its path on
+    loopback (``/ema-dev/firm``, ...).
     """
     api = api_url.rstrip("/")
     firm = creds.firm
@@ -291,5 +296,5 @@ def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url
             "private_key_jwt_es384": jwt_client(creds.es384),
         },
         "airflow_connections": connections,
-        "airflow_connection_uris": {cid: _connection_uri(cid, c) for cid, c in connections.items()},
+        "airflow_connection_uris": {cid: _connection_uri(c) for cid, c in connections.items()},
     }

@@ -42,6 +42,14 @@ def error_response(exc: FhirError) -> Response:
     return outcome(exc.status, exc.code, exc.diagnostics, headers=exc.headers)
 
 
+class InjectedFault(ConnectionError):
+    """An answer cut short on purpose by a fault switch (``drop_next``, ``truncate_downloads``).
+
+    Raised after the response started, so the server closes the connection; the server logs it as one
+    warning line, not as an application error with a traceback (:mod:`.server`).
+    """
+
+
 class DroppedResponse(Response):
     """Starts a response, sends part of the body, then drops the connection."""
 
@@ -53,7 +61,7 @@ class DroppedResponse(Response):
                     "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body[: max(1, len(self.body) // 2)],
                     "more_body": True})
-        raise ConnectionAbortedError("sandbox fault: connection dropped mid-body")
+        raise InjectedFault("sandbox fault: connection dropped mid-body (drop_next)")
 
 
 async def fault_gate(state: SandboxState, request: Request) -> Response | None:

@@ -1,5 +1,8 @@
 """Run the sandbox: both listeners on loopback, in the foreground (CLI) or a background thread (tests).
 
+Listening beyond loopback is refused unless ``allow_remote`` is set; the admin endpoints (``/_sandbox/*``)
+then answer only requests carrying the admin token (:func:`check_bind`).
+
 Usage from Python::
 
     with SandboxServer(patients=30, seed=1) as sb:
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -19,7 +23,9 @@ from typing import Any
 
 import uvicorn
 
+from airflow_provider_modmed.client.config import is_loopback
 from airflow_provider_modmed.sandbox.app import build_api_app, build_storage_app
+from airflow_provider_modmed.sandbox.http import InjectedFault
 from airflow_provider_modmed.sandbox.state import SandboxConfig, SandboxState
 from airflow_provider_modmed.sandbox.store import Store
 
@@ -36,6 +42,61 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _injected(exc: BaseException | None) -> bool:
+    group = getattr(exc, "exceptions", None)  # an exception group (a task group ran the response)
+    if isinstance(group, tuple) and group:
+        return all(_injected(e) for e in group)
+    return isinstance(exc, InjectedFault)
+
+
+class InjectedFaultLog(logging.Filter):
+    """Turns uvicorn's "Exception in ASGI application" + traceback for an injected fault into one line.
+
+    A fault that cuts an answer mid-body has to raise after the response started (that is how an ASGI app
+    makes the server drop the connection); uvicorn logs every such exception with its traceback, and a soak
+    run with ``drop_next`` printed pages of them. Real application errors keep their traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if _injected(exc):
+            record.msg, record.args = "%s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _log_injected_faults_as_one_line() -> None:
+    """Install :class:`InjectedFaultLog` on uvicorn's error logger (once; after uvicorn configured logging)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, InjectedFaultLog) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(InjectedFaultLog())
+
+
+class RemoteBindRefused(ValueError):
+    """The sandbox was asked to listen beyond loopback without ``allow_remote`` (``--allow-remote``)."""
+
+
+def check_bind(config: SandboxConfig) -> SandboxConfig:
+    """THE rule for where the sandbox may listen, checked before any socket is bound.
+
+    Loopback (127.0.0.0/8, ``::1``, ``localhost``): as configured, admin endpoints open. Any other address
+    (``0.0.0.0`` included) exposes ``/_sandbox/*``, which returns every credential and writes resources:
+    refused unless ``allow_remote``; then the admin endpoints require ``admin_token``, generated here
+    unless given. Returns the config to run with.
+    """
+    if is_loopback(config.host):
+        return config
+    if not config.allow_remote:
+        raise RemoteBindRefused(
+            f"refusing to listen on {config.host!r}: beyond loopback the admin endpoints (/_sandbox/*: every "
+            "credential, fault switches, resource writes) would be open to the network. Pass --allow-remote "
+            "(SandboxServer(allow_remote=True)) to listen there with an admin token, or keep --host 127.0.0.1")
+    if config.admin_token:
+        return config
+    return dataclasses.replace(config, admin_token=secrets.token_urlsafe(32))
 
 
 def build_state(config: SandboxConfig) -> SandboxState:
@@ -75,6 +136,7 @@ class SandboxServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _prepare(self) -> tuple[list[socket.socket], SandboxState]:
+        self.config = check_bind(self.config)
         state = build_state(self.config)
         api_sock = _bind(self.config.host, self.config.port)
         storage_sock = _bind(self.config.host, self.config.storage_port)
@@ -87,6 +149,7 @@ class SandboxServer:
                                  timeout_keep_alive=30, limit_concurrency=None)
             server = uvicorn.Server(cfg)
             self._servers.append(server)
+        _log_injected_faults_as_one_line()
         return [api_sock, storage_sock], state
 
     async def serve(self) -> None:
@@ -151,6 +214,11 @@ class SandboxServer:
     @property
     def storage_url(self) -> str:
         return self._st.storage_url
+
+    @property
+    def admin_token(self) -> str | None:
+        """The token ``/_sandbox/*`` requires (``None``: open, as on loopback by default)."""
+        return self.config.admin_token
 
     @property
     def credentials(self) -> dict[str, Any]:

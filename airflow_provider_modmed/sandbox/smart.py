@@ -22,10 +22,10 @@ from typing import Any
 
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
 
 from airflow_provider_modmed.capabilities import MATRIX, Interaction
-from airflow_provider_modmed.sandbox.credentials import AsymmetricClient, SandboxCredentials
+from airflow_provider_modmed.sandbox.credentials import SandboxCredentials
+from airflow_provider_modmed.sandbox.keys import verification_key
 
 __all__ = [
     "ASSERTION_TYPE",
@@ -174,7 +174,7 @@ def _authenticate_secret(form: Mapping[str, str], creds: SandboxCredentials) -> 
     client_id = form.get("client_id") or ""
     if not client_id:
         raise _invalid_client("client_id is required with client_secret (client_secret_post)")
-    if any(client_id == c.client_id for c in creds.asymmetric_clients):
+    if client_id in creds.client_jwks():
         raise _invalid_client(f"client {client_id!r} is registered for private_key_jwt, not "
                               "client_secret_post")
     if client_id != creds.cert_client_id:
@@ -191,10 +191,11 @@ def _b64_length(segment: str) -> int:
         return -1
 
 
-def _public_key(client: AsymmetricClient) -> RSAKey | ECKey:
-    if client.algorithm == "RS384":
-        return RSAKey.import_key(client.public_jwk)
-    return ECKey.import_key(client.public_jwk)
+def _registered_key(creds: SandboxCredentials, kid: str, iss: Any) -> tuple[str, dict[str, Any]] | None:
+    """(client id, public JWK) registered under ``kid``; the ``iss`` client's key first if two share a kid."""
+    matches = [(client_id, jwk) for client_id, keys in creds.client_jwks().items() for jwk in keys
+               if jwk.get("kid") == kid]
+    return next((m for m in matches if m[0] == iss), matches[0] if matches else None)
 
 
 def _authenticate_assertion(form: Mapping[str, str], *, token_url: str, creds: SandboxCredentials,
@@ -222,12 +223,13 @@ def _authenticate_assertion(form: Mapping[str, str], *, token_url: str, creds: S
     kid = header.get("kid")
     if not kid:
         raise _invalid_client("client_assertion header has no kid")
-    client = next((c for c in creds.asymmetric_clients if c.key_id == kid), None)
-    if client is None:
+    registered = _registered_key(creds, kid, claims.get("iss"))
+    if registered is None:
         raise _invalid_client(f"client_assertion kid {kid!r} is not in the registered JWKS")
-    if alg != client.algorithm:
+    registered_client, jwk = registered
+    if alg != jwk["alg"]:
         raise _invalid_client(f"client_assertion alg {alg} does not match the algorithm registered for "
-                              f"kid {kid!r} ({client.algorithm})")
+                              f"kid {kid!r} ({jwk['alg']})")
     if "jku" in header:
         raise _invalid_client("client_assertion jku header is not allowed: no JWKS URL is registered")
     typ = header.get("typ")
@@ -235,7 +237,7 @@ def _authenticate_assertion(form: Mapping[str, str], *, token_url: str, creds: S
         raise _invalid_client(f"client_assertion typ must be JWT, not {typ!r}")
 
     try:
-        jwt.decode(assertion, _public_key(client), algorithms=[client.algorithm])
+        jwt.decode(assertion, verification_key(jwk), algorithms=[jwk["alg"]])
     except JoseError:
         hint = ""
         if alg == "ES384" and _b64_length(assertion.rsplit(".", 1)[-1]) != _ES384_SIGNATURE_LENGTH:
@@ -248,7 +250,7 @@ def _authenticate_assertion(form: Mapping[str, str], *, token_url: str, creds: S
         raise _invalid_client("client_assertion needs both iss and sub (the client_id)")
     if iss != sub:
         raise _invalid_client("client_assertion iss and sub differ (both must be the client_id)")
-    if iss != client.client_id:
+    if iss != registered_client:
         raise _invalid_client(f"client_assertion iss {iss!r} is not the client registered for kid {kid!r}")
     form_client_id = form.get("client_id")
     if form_client_id and form_client_id != iss:
@@ -281,7 +283,7 @@ def _authenticate_assertion(form: Mapping[str, str], *, token_url: str, creds: S
     if jti in seen_jti:
         raise _invalid_client("client_assertion jti was already used (replay)")
     seen_jti[jti] = float(exp)
-    return client.client_id
+    return registered_client
 
 
 def issue_certified_token(form: Mapping[str, str], *, token_url: str, creds: SandboxCredentials,

@@ -45,6 +45,10 @@ class SandboxConfig:
     #: proprietary password-grant answers carry no expires_in (ModMed's quirk)
     omit_expires_in: bool = True
     credential_overrides: dict[str, str] = field(default_factory=dict)
+    #: listening beyond loopback is refused unless this is set (``--allow-remote``)
+    allow_remote: bool = False
+    #: when set, ``/_sandbox/*`` answers only requests carrying it (generated for a remote listener)
+    admin_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -77,6 +81,14 @@ class Faults:
     #: the next N storage downloads are truncated mid-body
     truncate_downloads: int = 0
     slow_download_ms: float = 0.0
+    #: bulk files stream this many lines per HTTP chunk (chunked encoding, no Content-Length); 0: large
+    #: chunks. 1 is a server that sends one chunk per resource
+    bulk_chunk_lines: int = 0
+    #: bulk files are sent gzip-encoded (``Content-Encoding: gzip``) to clients that accept it
+    bulk_gzip: bool = False
+    #: >= 0: every manifest ``error`` entry states this ``count`` (servers that copy the count of the output
+    #: file that failed); -1: the true line count
+    bulk_error_count: int = -1
     #: creates answer 201 with an empty body and only Location
     empty_create_body: bool = False
     #: the server clock runs this many milliseconds off the real clock

@@ -1,6 +1,8 @@
 """ModMedSearchResourcesOperator inside real DAG runs (dag.test() on SQLite) against a sandbox of this module's
 own: every match on both tracks reaches the NDJSON file, parameters and the default path, the incremental
-window kept exactly, and bad input failing before any call. (The DAGs: dags/operators_resources.py.)"""
+window kept exactly, and bad input failing before any call. (The DAGs: dags/operators_resources.py.) Against a
+fake FHIR server (the sandbox ignores ``_include``): included resources kept out of the file, separated or
+dropped, and a wrong-type match failing the task (dags/operators_search_includes.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modmed.sandbox.server import SandboxServer
-from tests.airflow.conftest import sandbox_connections
+from tests.airflow.conftest import connections_env, sandbox_connections
 from tests.airflow.test_operators_resources import body, output, rendered, result, task_instances, truth
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
@@ -107,3 +109,53 @@ def test_bad_input_fails_before_any_network_call(sb: SandboxServer, run_dag: Any
     assert task_instances(run)["search"]["try_number"] == 1  # failed at once: no retry spent
     assert sb.stats()["requests"] == before
     assert "use a connection with track='certified'" in output(capfd, caplog)
+
+
+# -- included resources and wrong-type matches (issue 13): a fake FHIR server, as the sandbox ignores _include --
+
+INCLUDE_DAGS = Path(__file__).parent / "dags" / "operators_search_includes.py"
+
+
+@pytest.fixture(scope="module")
+def fake_search() -> Iterator[Any]:
+    from tests.integration.search_server import airflow_connection, search_server
+
+    with search_server() as server, connections_env({"modmed_fake_search": airflow_connection(server)}):
+        yield server
+
+
+def test_included_resources_never_reach_the_patient_file(fake_search: Any, run_dag: Any, tmp_path: Path) -> None:
+    from tests.integration.search_server import ORG
+
+    run = run_dag(INCLUDE_DAGS, "modmed_op_search_includes", run_conf={
+        "search_params": {"_include": "Patient:organization"}, "out": str(tmp_path)})
+    assert run.state == "success", task_instances(run)
+    separate, drop = result(run, "separate"), result(run, "drop")
+    for out, folder in ((separate, "separate"), (drop, "drop")):
+        rows = [json.loads(x) for x in (tmp_path / folder / "Patient.ndjson").read_text().splitlines()]
+        assert [(r["resourceType"], r["id"]) for r in rows] == [("Patient", "p1"), ("Patient", "p2"), ("Patient", "p3")]
+        assert out["count"] == 3 and out["ids"] == ["p1", "p2", "p3"]
+    org_file = tmp_path / "separate" / "Patient.include.Organization.ndjson"
+    assert separate["included"] == {
+        "Organization": {"path": f"file://{org_file}", "count": 1},
+        "Patient": {"path": f"file://{tmp_path}/separate/Patient.include.Patient.ndjson", "count": 1}}
+    assert [json.loads(x) for x in org_file.read_text().splitlines()] == [ORG]
+    assert separate["included_dropped"] == 0
+    assert drop["included"] == {} and drop["included_dropped"] == 3
+    assert sorted(p.name for p in (tmp_path / "drop").iterdir()) == ["Patient.ndjson"]
+
+
+def test_a_wrong_type_match_fails_the_task_without_patient_data(fake_search: Any, run_dag: Any, tmp_path: Path,
+                                                                capsys: Cap, caplog: Log) -> None:
+    from tests.integration.search_server import SECRET_NAME
+
+    run = run_dag(INCLUDE_DAGS, "modmed_op_search_includes", run_conf={
+        "search_params": {"family": "wrong"}, "out": str(tmp_path)})
+    assert run.state == "failed"
+    assert {t: s["state"] for t, s in task_instances(run).items()} == {"separate": "failed", "drop": "failed"}
+    captured = capsys.readouterr()
+    logged = captured.out + captured.err + caplog.text
+    assert "answered a match of type Observation: a Patient search must return Patient resources" in logged
+    assert SECRET_NAME not in logged
+    for folder in ("separate", "drop"):
+        assert "Observation" not in (tmp_path / folder / "Patient.ndjson").read_text()

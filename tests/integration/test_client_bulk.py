@@ -31,7 +31,7 @@ from airflow_provider_modmed.client.bulk import (
 )
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
-from airflow_provider_modmed.errors import CapabilityError
+from airflow_provider_modmed.errors import CapabilityError, ServerError, TransportError
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -293,3 +293,71 @@ async def test_async_face_against_the_sandbox(sb: SandboxServer, tmp_path: Path)
         result = await client.export(ExportRequest(level="Group/cohort-a", types=("Patient", "Condition")),
                                      tmp_path)
     assert set(ids_in(tmp_path, result, "Patient")) == members(sb, "cohort-a")
+
+
+# -- issue 13 ------------------------------------------------------------------------------------
+
+def test_error_entries_carrying_another_count_are_stored_once_and_the_policy_decides(
+        sb: SandboxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sb.faults(bulk_error_count=40)  # the count of the output file that failed; the error file holds 2 lines
+    scope = "system/Patient.read system/Immunization.read"
+    request = ExportRequest(types=("Patient", "Immunization", "Observation"),
+                            type_filters=("Immunization?status=completed",), lenient=True)
+    before = sb.stats()
+    with FhirClient(cert_config(sb, scope=scope)) as fhir:
+        result = BulkExportClient(fhir, poll=FAST, download=DownloadPolicy(backoff=0.05)).export(request, tmp_path)
+    stats = sb.stats()
+    assert stats["bulk_downloads:error.1.ndjson"] - before.get("bulk_downloads:error.1.ndjson", 0) == 1
+    assert result["errors"]["count"] == 2 and result["errors"]["fatal"] == 1
+    assert "its manifest entry says count 40" in caplog.text
+    apply_error_policy(result, "ignore")
+    apply_error_policy(result, "warn")
+    with pytest.raises(ExportErrorsReported):
+        apply_error_policy(result, "fail")
+
+
+def status_polls(sb: SandboxServer) -> int:
+    return sum("$export-status" in path for path in sb.app_state.recent_requests)
+
+
+def ready_status_url(client: BulkExportClient) -> str:
+    status_url = client.kick_off(ExportRequest(types=("Patient",)))
+    client.poll(status_url)  # complete: from now on the status URL answers the manifest
+    return status_url
+
+
+@pytest.mark.parametrize("fault", ["500", "drop"])
+def test_failed_status_polls_are_counted_by_the_poll_loop_alone(sb: SandboxServer, fault: str) -> None:
+    # max_retries=5: the generic retry layer would resend each failed poll up to 5 times on its own
+    with FhirClient(cert_config(sb, max_retries=5)) as fhir:
+        client = BulkExportClient(fhir, poll=PollPolicy(min_wait=0.01, max_wait=0.02, initial_wait=0.01, max_errors=2))
+        status_url = ready_status_url(client)
+
+        def inject(n: int) -> None:
+            if fault == "drop":
+                sb.faults(drop_next=n)  # the manifest answer is cut mid-body: no answer
+            else:
+                sb.faults(fail_next={"status": 500, "count": n, "path": "$export-status"})
+
+        inject(2)
+        seen = status_polls(sb)
+        assert client.poll(status_url).output
+        assert status_polls(sb) - seen == 3  # two failures, each one poll of the loop, then the manifest
+        inject(3)
+        seen = status_polls(sb)
+        with pytest.raises(TransportError if fault == "drop" else ServerError, match="kept failing"):
+            client.poll(status_url)
+        assert status_polls(sb) - seen == 3  # max_poll_errors=2: the third failure ends the poll, unretried
+
+
+def test_one_http_chunk_per_resource_stores_the_same_files(sb: SandboxServer, client: BulkExportClient,
+                                                          tmp_path: Path) -> None:
+    request = ExportRequest(types=("Patient", "Observation"))
+    large = client.export(request, tmp_path / "large")
+    sb.faults(bulk_chunk_lines=1)
+    small = client.export(request, tmp_path / "small")
+    sb.faults(bulk_gzip=True)
+    gzipped = client.export(request, tmp_path / "gzip")
+    for run in ("small", "gzip"):  # stored, counted and hashed as the NDJSON the files hold
+        assert (tmp_path / run / "SHA256SUMS").read_bytes() == (tmp_path / "large/SHA256SUMS").read_bytes()
+    assert small["resources"] == gzipped["resources"] == large["resources"] > 0

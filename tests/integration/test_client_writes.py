@@ -16,8 +16,9 @@ from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
-from airflow_provider_modmed.errors import ConflictError
+from airflow_provider_modmed.errors import ConflictError, NotFoundError
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.security.servers import LoopbackServer, fhir_json, token_answer
 
 pytestmark = pytest.mark.integration
 
@@ -226,3 +227,66 @@ async def test_delete_after_a_lost_answer(sb: SandboxServer, face: Face) -> None
     assert await face.call("delete", "Patient", p["id"]) is True  # the answer was lost; the resend is answered
     assert truth(sb, "Patient")[p["id"]] == ("2", True)  # deleted once
     assert await face.call("delete", "Patient", "no-such-patient", missing_ok=True) is False
+
+
+# -- a server that answers 404, not 410, for a deleted resource (issue 13, item 5) ------------------
+
+class Answers404ForDeleted:
+    """A loopback FHIR server that forgets deleted resources: a DELETE of one answers 404 (as some servers
+    do), never 410. Patients ``p1``..``p3`` exist at the start."""
+
+    def __init__(self) -> None:
+        self.patients = {"p1", "p2", "p3"}
+        self.deletes: list[tuple[str, int]] = []
+
+    def __call__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Any:
+        p = path.split("?", 1)[0]
+        if p.endswith("/oauth2/grant"):
+            return token_answer()
+        if p.endswith("/metadata"):
+            return fhir_json({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance"})
+        rid = p.rsplit("/", 1)[-1]
+        if method == "DELETE" and "/Patient/" in p:
+            status = 204 if rid in self.patients else 404
+            self.patients.discard(rid)
+            self.deletes.append((rid, status))
+            if status == 404:
+                return fhir_json({"resourceType": "OperationOutcome",
+                                  "issue": [{"severity": "error", "code": "not-found"}]}, 404)
+            return 204, {}, b""
+        return fhir_json({"resourceType": "OperationOutcome",
+                          "issue": [{"severity": "error", "code": "not-supported"}]}, 400)
+
+
+@pytest.fixture(params=["sync", "async"])
+async def face404(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Face, Answers404ForDeleted]]:
+    route = Answers404ForDeleted()
+    with LoopbackServer(route) as server:
+        cfg = ClientConfig(track="proprietary", fhir_base=f"{server.url}/firm/x/ema/fhir/v2", firm="x",
+                           api_key="k", username="u", password="p", max_retries=3)
+        if request.param == "sync":
+            with FhirClient(cfg, transport=LoseDeleteAnswer(), sleep=lambda s: None) as c:
+                yield Face(c), route
+        else:
+            async with AsyncFhirClient(cfg, transport=ALoseDeleteAnswer(), sleep=_no_sleep) as ac:
+                yield Face(ac), route
+
+
+async def test_delete_resent_after_a_lost_answer_takes_404_as_deleted(
+        face404: tuple[Face, Answers404ForDeleted]) -> None:
+    face, server = face404
+    assert await face.call("delete", "Patient", "p1") is True  # first answer lost; the resend meets a 404
+    assert server.deletes == [("p1", 204), ("p1", 404)]
+    assert "p1" not in server.patients
+
+
+async def test_delete_404_on_the_first_try_still_fails_unless_missing_ok(
+        face404: tuple[Face, Answers404ForDeleted]) -> None:
+    face, server = face404
+    await face.call("delete", "Patient", "p2")  # uses up the one lost answer (see LoseDeleteAnswer)
+    with pytest.raises(NotFoundError) as err:
+        await face.call("delete", "Patient", "p2")  # answered on the first try: a real "not there"
+    assert err.value.status_code == 404
+    assert await face.call("delete", "Patient", "p2", missing_ok=True) is False
+    assert await face.call("delete", "Patient", "p3") is True
+    assert [s for _, s in server.deletes] == [204, 404, 404, 404, 204]

@@ -127,3 +127,45 @@ def test_transient_5xx_while_polling_then_truncated_download(sb: SandboxServer, 
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(url)
     assert len(httpx.get(url).text.splitlines()) == manifest["output"][0]["count"]
+
+
+def test_bulk_chunk_lines_streams_one_http_chunk_per_line(sb: SandboxServer, cert: httpx.Client) -> None:
+    manifest = run_export(cert, "$export", {"_type": "Patient"})
+    url, count = manifest["output"][0]["url"], manifest["output"][0]["count"]
+    large = httpx.get(url)
+    assert large.headers["content-length"] == str(len(large.content))
+    sb.faults(bulk_chunk_lines=1)
+    try:
+        with httpx.stream("GET", url) as resp:
+            assert resp.headers["transfer-encoding"] == "chunked" and "content-length" not in resp.headers
+            pieces = list(resp.iter_raw())
+    finally:
+        sb.faults(bulk_chunk_lines=0)
+    assert b"".join(pieces) == large.content  # the same bytes, cut differently
+    assert len(pieces) >= count > 1 and all(p.count(b"\n") <= 1 for p in pieces)  # a chunk never holds 2 lines
+    sb.faults(bulk_gzip=True, bulk_chunk_lines=1)
+    try:
+        plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
+        with httpx.stream("GET", url, headers={"Accept-Encoding": "gzip"}) as resp:
+            assert resp.headers["content-encoding"] == "gzip" and "content-length" not in resp.headers
+            decoded = list(resp.iter_bytes())
+    finally:
+        sb.faults(bulk_gzip=False, bulk_chunk_lines=0)
+    assert "content-encoding" not in plain.headers and plain.content == large.content
+    assert b"".join(decoded) == large.content and len(decoded) >= count
+
+
+def test_bulk_error_count_fault_states_another_count_on_error_entries(sb: SandboxServer, cert: httpx.Client) -> None:
+    sb.faults(bulk_error_count=37)
+    try:
+        kick = cert.get("$export", params={"_type": "ChargeItem,Patient"},
+                        headers={**KICK_OFF, "Prefer": "respond-async, handling=lenient"})
+        status_url = kick.headers["content-location"]
+        while (resp := cert.get(status_url)).status_code == 202:
+            time.sleep(0.1)
+    finally:
+        sb.faults(bulk_error_count=-1)
+    manifest = resp.json()
+    (error,) = manifest["error"]
+    assert error["count"] == 37 and len(httpx.get(error["url"]).text.splitlines()) == 1
+    assert manifest["output"][0]["count"] == len(httpx.get(manifest["output"][0]["url"]).text.splitlines())

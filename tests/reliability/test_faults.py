@@ -101,7 +101,8 @@ def test_a_429_storm_longer_than_the_retries_fails_clearly(sb: SandboxServer, fi
         sb.faults(rate_storm=10)
         with pytest.raises(RateLimitedError) as err:
             list(c.search("Patient", count=PAGE))
-    assert str(err.value) == "search Patient failed (HTTP 429) [error/throttled] Rate limit exceeded"
+    assert str(err.value) == "search Patient failed (HTTP 429) [error/throttled]"  # diagnostics: on request only
+    assert err.value.diagnostics() == ("Rate limit exceeded",)
     assert m["throttled"] == 4 and len(backoff.waits) == 3
     figures.record(error=str(err.value))
 
@@ -285,8 +286,8 @@ def test_5xx_exhausted_on_a_write_fails_clearly_and_writes_nothing(sb: SandboxSe
         mrn = f"MRN-{uuid.uuid4().hex[:8]}"
         with pytest.raises(ServerError) as err:
             c.create(_patient(mrn), if_none_exist={"identifier": f"{MRN_SYSTEM}|{mrn}"})
-    assert str(err.value) == ("create Patient failed (HTTP 503) [error/transient] sandbox fault: injected "
-                              "HTTP 503")
+    assert str(err.value) == "create Patient failed (HTTP 503) [error/transient]"
+    assert err.value.diagnostics() == ("sandbox fault: injected HTTP 503",)
     assert live(sb, "Patient") == before
     figures.record(error=str(err.value))
 

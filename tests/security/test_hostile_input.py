@@ -94,7 +94,7 @@ def test_hostile_ids_stay_one_path_segment(hostile_client: tuple[SandboxServer, 
             assert m and unquote(m.group(1)) == rid, raw
 
 
-@pytest.mark.parametrize("rid", ["pay|7225", "1.120182.1.5", "a-b.c", "CHG|12", "x" * 64])
+@pytest.mark.parametrize("rid", ["pay|7225", "1.120182.1.5", "a-b.c", "CHG|12", "x" * 64, "a..b", "1..2.3"])
 def test_modmed_ids_are_sent_as_one_encoded_segment(hostile_client: tuple[SandboxServer, FhirClient],
                                                    rid: str) -> None:
     sb, c = hostile_client

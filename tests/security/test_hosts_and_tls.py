@@ -137,7 +137,8 @@ def test_an_untrusted_certificate_says_so(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("host", ["http://ema.example.com", "http://10.0.0.5", "http://0.0.0.0", "http://127.0.0.1.nip.io",
                                   "http://localhost.evil.example", "http://[::ffff:8.8.8.8]", "ftp://127.0.0.1",
-                                  "file:///etc/passwd", "//127.0.0.1"])
+                                  "file:///etc/passwd", "//127.0.0.1", "http://sandbox.localhost:8",
+                                  "http://ema.example.com.localhost"])
 def test_plain_http_is_refused_except_to_loopback(host: str) -> None:
     with pytest.raises(ConfigurationError) as err:
         config(host)

@@ -3,6 +3,7 @@ against a scripted Bulk Data server (httpx.MockTransport) that is not our sandbo
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import logging
@@ -42,6 +43,7 @@ from airflow_provider_modmed.client.bulk import (
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.drivers import Sleep
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
+from airflow_provider_modmed.client.retry import FLOW_RETRIES
 from airflow_provider_modmed.errors import (
     AuthError,
     CapabilityError,
@@ -200,7 +202,7 @@ def test_poll_honours_retry_after_clamped_and_backs_off_without_it(caplog: pytes
     assert sleeps[0] == 5
     assert 25 <= sleeps[1] <= 31  # HTTP-date form
     assert sleeps[2] == 600  # clamped to max_wait
-    assert sleeps[3] == 1  # clamped to min_wait
+    assert sleeps[3] == 2 * 1.5 ** 3  # Retry-After: 0 asks for no wait: the normal backoff instead
     assert sleeps[4] < sleeps[5]  # exponential backoff without Retry-After
     assert manifest.expires == "Wed, 01 May 2024 11:00:00 GMT"
     progress = [r.getMessage() for r in caplog.records if "in progress" in r.getMessage()]
@@ -398,6 +400,9 @@ class FakeBulkServer:
         self.deleted = 0
         self.fail_files: dict[str, list[int]] = {}
         self.patients = [{"resourceType": "Patient", "id": str(i)} for i in range(patients)]
+        #: manifest entries as some servers write them: the error entry with another count (and type)
+        self.error_entry: dict[str, Any] = {"type": "OperationOutcome"}
+        self.patient_count: int | None = None  # None: the true count
 
     def files(self) -> dict[str, bytes]:
         return {"p.ndjson": ndjson(*self.patients),
@@ -415,10 +420,10 @@ class FakeBulkServer:
         return {"transactionTime": "2024-05-01T10:00:00Z", "request": f"{BASE}/$export",
                 "requiresAccessToken": self.requires_token, "someExtension": 1,
                 "output": [{"type": "Patient", "url": f"{STORAGE}/bucket/p.ndjson{signed}",
-                            "count": len(self.patients)},
+                            "count": len(self.patients) if self.patient_count is None else self.patient_count},
                            {"type": "Observation", "url": observations}],
                 "deleted": [{"type": "Bundle", "url": deleted}],
-                "error": [{"type": "OperationOutcome", "url": f"{STORAGE}/bucket/e.ndjson?X-Sig=s3cr3t"}]}
+                "error": [{**self.error_entry, "url": f"{STORAGE}/bucket/e.ndjson?X-Sig=s3cr3t"}]}
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -724,3 +729,162 @@ def test_downloads_run_download_concurrency_at_a_time(tmp_path: Path) -> None:
     step = flow.send(httpx.Response(200, json={"transactionTime": "2024-05-01T10:00:00Z", "requiresAccessToken": False,
                                                "output": [{"type": "Patient", "url": f"{STORAGE}/p.ndjson"}]}))
     assert isinstance(step, bulk.Parallel) and step.limit == 3
+
+
+# -- issue 13: counts that do not match ----------------------------------------------------------
+
+def fetches(server: FakeBulkServer, name: str) -> int:
+    return sum(r.url.path == f"/bucket/{name}" for r in server.requests)
+
+
+@pytest.mark.parametrize("entry_type", ["OperationOutcome", "Patient"])
+def test_an_error_file_count_that_differs_is_a_warning_and_the_error_policy_decides(
+        server: FakeBulkServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, entry_type: str) -> None:
+    # the server copies the failed output file's count (and type) into the error entry; the file holds one line
+    server.error_entry = {"type": entry_type, "count": len(server.patients)}
+    caplog.set_level(logging.INFO)
+    result = sync_client(server).export(ExportRequest(types=("Patient", "Observation")), tmp_path)
+    assert fetches(server, "e.ndjson") == 1  # fetched once: a report is not verified against its count
+    assert result["errors"]["files"] == ["error/OperationOutcome.0001.ndjson"]
+    assert result["errors"]["count"] == 1 and result["errors"]["by_code"] == {"not-supported": 1}
+    assert "holds 1 OperationOutcome line(s) but its manifest entry says count 5" in caplog.text
+    check_export(result, tmp_path, server)
+    bulk.apply_error_policy(result, "ignore")  # the error policy is reached, and decides
+    # a resumed run keeps the stored error file (its checkpoint holds against the odd count)
+    before = len(server.requests)
+    run = ExportRun(tmp_path, ExportRequest(types=("Patient", "Observation")))
+    assert run.pending(Manifest.parse(server.manifest())) == []
+    assert len(server.requests) == before
+
+
+def test_an_error_file_with_another_resource_type_still_fails_verification(tmp_path: Path) -> None:
+    with pytest.raises(VerificationError, match="line 1 is 'Patient', expected 'OperationOutcome'"):
+        feed(tmp_path, item("OperationOutcome", count=1, section="error"), ndjson({"resourceType": "Patient"}))
+
+
+def test_an_output_count_that_differs_after_a_complete_transfer_fails_at_once(server: FakeBulkServer,
+                                                                              tmp_path: Path) -> None:
+    server.patient_count = 7  # the file holds 5
+    with pytest.raises(VerificationError, match="has 5 resources but the manifest says 7") as failed:
+        sync_client(server).export(ExportRequest(types=("Patient",)), tmp_path)
+    assert "not fetched again" in str(failed.value)
+    assert fetches(server, "p.ndjson") == 1  # the same bytes again would not change the count
+    assert not (tmp_path / "output/Patient.0001.ndjson").exists()
+
+
+def test_a_broken_transfer_is_fetched_once_more_then_a_wrong_count_fails_naming_both(tmp_path: Path) -> None:
+    run = ExportRun(tmp_path, ExportRequest())
+    fetched: list[Fetch] = []
+
+    def answer(step: Fetch) -> Fetched:
+        fetched.append(step)
+        if len(fetched) == 1:
+            return Fetched(None, "RemoteProtocolError")  # the transfer broke: fetch again
+        step.sink.open()
+        step.sink.write(b'{"resourceType":"Patient","id":"1"}\n')  # complete, but 1 line, not 3
+        try:
+            step.sink.close()
+        except VerificationError as exc:
+            step.sink.abort()
+            return Fetched.failure(exc)
+        return Fetched(200)
+
+    def drive(flow: Any) -> Any:
+        out: Any = None
+        while True:
+            step = flow.send(out)
+            out = answer(step) if isinstance(step, Fetch) else None
+
+    flow = bulk.download_file(run, item(count=3), False, DownloadPolicy(retries=3))
+    with pytest.raises(VerificationError, match="has 1 resources but the manifest says 3"):
+        drive(flow)
+    assert len(fetched) == 2
+
+
+def test_the_sink_gathers_small_chunks_into_blocks(tmp_path: Path) -> None:
+    # one HTTP chunk per resource (some servers): written, hashed and checked per block, not per chunk
+    lines = [json.dumps({"resourceType": "Patient", "id": str(i), "pad": "x" * 600}).encode() + b"\n"
+             for i in range(2000)]
+    sink = NdjsonSink(tmp_path, item(count=len(lines)), block_bytes=64 * 1024)
+    sink.open()
+    for line in lines:
+        sink.write(line)
+    sink.close()
+    record = sink.commit()
+    body = b"".join(lines)
+    assert record.lines == 2000 and record.bytes == len(body)
+    assert (tmp_path / "output/Patient.0001.ndjson").read_bytes() == body
+    import hashlib
+
+    assert record.sha256 == hashlib.sha256(body).hexdigest()
+    assert sink.blocks <= len(body) // (64 * 1024) + 1 < len(lines) // 50  # ~22 blocks for 2000 chunks
+    # large chunks pass through as they are, one block each
+    big = NdjsonSink(tmp_path, item(count=len(lines)), block_bytes=64 * 1024)
+    big.open()
+    big.write(body)
+    big.close()
+    assert big.blocks == 1
+
+
+# -- issue 13: one poll policy for the status URL -------------------------------------------------
+
+def test_status_polls_are_left_to_the_poll_loop_and_no_answer_is_a_transient_error() -> None:
+    flow = bulk.poll_status(f"{BASE}/status/1", PollPolicy(max_errors=2))
+    request = next(flow)
+    assert request.extensions[FLOW_RETRIES] is True  # the face sends it once: no generic retries
+    sleep = flow.throw(TransportError("bulk export status got no answer (ReadTimeout)"))
+    assert isinstance(sleep, Sleep)
+    assert isinstance(flow.send(None), httpx.Request)
+    assert isinstance(flow.send(httpx.Response(500, json=outcome("transient"))), Sleep)  # error 2 of 2
+    assert isinstance(flow.send(None), httpx.Request)
+    with pytest.raises(TransportError, match="kept failing \\(3 transient failures in a row"):
+        flow.throw(TransportError("bulk export status got no answer (ConnectError)"))
+
+
+class StatusServer:
+    """A Bulk Data server whose status URL fails ``failures`` times (HTTP 500 or no answer), then answers
+    the manifest of an export with no files; it counts what the status URL sees."""
+
+    def __init__(self, failures: int, kind: str = "500") -> None:
+        self.failures = failures
+        self.kind = kind
+        self.status_requests = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if str(request.url) == TOKEN_URL:
+            return httpx.Response(200, json={"access_token": TOKEN, "token_type": "bearer", "expires_in": 300})
+        self.status_requests += 1
+        if self.status_requests <= self.failures:
+            if self.kind == "drop":
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+            return httpx.Response(500, json=outcome("transient"))
+        return httpx.Response(200, json={"transactionTime": "2024-05-01T10:00:00Z", "requiresAccessToken": False,
+                                         "output": []})
+
+
+@pytest.mark.parametrize("kind", ["500", "drop"])
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_the_poll_loop_alone_decides_about_failed_status_polls(face: str, kind: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    config = dataclasses.replace(cert_config(), max_retries=5)  # the generic layer would retry 5 times
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async def poll(server: StatusServer, max_errors: int) -> Manifest:
+        policy = PollPolicy(min_wait=0, max_wait=0, initial_wait=0, max_errors=max_errors)
+        if face == "sync":
+            with FhirClient(config, transport=httpx.MockTransport(server), sleep=lambda s: None) as fhir:
+                return BulkExportClient(fhir, poll=policy).poll(f"{BASE}/status/1")
+        async with AsyncFhirClient(config, transport=httpx.MockTransport(server), sleep=no_sleep) as afhir:
+            return await AsyncBulkExportClient(afhir, poll=policy).poll(f"{BASE}/status/1")
+
+    server = StatusServer(failures=3, kind=kind)
+    manifest = await poll(server, max_errors=3)
+    assert manifest.output == () and server.status_requests == 4  # 3 failures, each seen by the poll loop
+    assert caplog.text.count("transient, polling again") == 3
+    server = StatusServer(failures=3, kind=kind)
+    with pytest.raises(TransportError if kind == "drop" else ServerError, match="kept failing"):
+        await poll(server, max_errors=2)
+    assert server.status_requests == 3  # max_poll_errors=2: the third failure ends the poll

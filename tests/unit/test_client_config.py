@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from airflow_provider_modmed.capabilities import Track
-from airflow_provider_modmed.client.config import AuthMethod, ClientConfig, is_loopback
+from airflow_provider_modmed.client.config import AuthMethod, ClientConfig, check_firm, is_loopback
 from airflow_provider_modmed.errors import ConfigurationError
 from airflow_provider_modmed.profile import certified_fhir_base, proprietary_fhir_base
 
@@ -53,9 +53,10 @@ def test_defaults_and_normalisation() -> None:
 
 
 def test_secrets_stay_out_of_repr_and_keys() -> None:
-    cfg = prop(api_key="KEY-SECRET", password="PW-SECRET")
+    cfg = prop(api_key="KEY-SECRET", password="PW-SECRET", rate_limit_storage_uri="redis://:REDIS-SECRET@h:6379/0")
     assert "KEY-SECRET" not in repr(cfg)
     assert "PW-SECRET" not in repr(cfg)
+    assert "REDIS-SECRET" not in repr(cfg)
     assert "KEY-SECRET" not in cfg.budget_key
     assert cfg.budget_key.startswith("apiportal:")
     assert prop(api_key="other").budget_key != cfg.budget_key
@@ -119,6 +120,9 @@ def test_valid_certified_configs() -> None:
 @pytest.mark.parametrize(("host", "loop"), [
     ("127.0.0.1", True), ("127.5.6.7", True), ("localhost", True), ("::1", True), ("[::1]", True),
     ("10.0.0.1", False), ("example.com", False), ("128.0.0.1", False),
+    # only localhost itself: a *.localhost name may resolve anywhere (issue 13, item 7)
+    ("sandbox.localhost", False), ("a.b.localhost", False), ("localhost.", False),
+    ("::ffff:127.0.0.1", False), ("0.0.0.0", False), ("::", False),  # noqa: S104
 ])
 def test_loopback(host: str, loop: bool) -> None:
     assert is_loopback(host) is loop
@@ -135,3 +139,34 @@ def test_verify_accepts_a_ca_bundle(tmp_path: Any) -> None:
 
     assert prop(verify=certifi.where()).verify == certifi.where()
     assert prop(verify=False).verify is False
+
+
+# -- issue 15, item 5: choice fields in any case, the firm prefix checked before any call ------------------------
+
+
+@pytest.mark.parametrize(("algorithm", "key"), [("rs384", RSA_PEM), (" Es384 ", P384_PEM), ("Rs384", RSA_PEM)])
+def test_jwt_algorithm_accepts_any_case_like_track_and_auth_method(algorithm: str, key: str) -> None:
+    cfg = cert(jwt_algorithm=algorithm, private_key=key, track="CERTIFIED", auth_method="Private_Key_JWT")
+    assert cfg.jwt_algorithm == algorithm.strip().upper()
+    assert cfg.track is Track.CERTIFIED and cfg.auth_method is AuthMethod.PRIVATE_KEY_JWT
+
+
+@pytest.mark.parametrize("firm", ["apiportal", "derm-1", "Smith_Derm", "acme.ny", "A1"])
+def test_a_firm_prefix_is_one_url_path_segment(firm: str) -> None:
+    assert prop(firm=firm).firm == firm
+    assert check_firm(firm) == firm
+
+
+@pytest.mark.parametrize("firm", ["my practice", "a/b", "..", ".", "ac%20me", "firm?x=1", "naïve", "a#b"])
+def test_a_firm_prefix_that_is_not_a_path_segment_is_refused_naming_the_field(firm: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        prop(firm=firm)
+    assert 'firm (extra field "firm_url_prefix")' in str(err.value) and repr(firm) in str(err.value)
+
+
+@pytest.mark.parametrize("firm", ["Smith_Derm", "acme.ny", "-acme", "acme-", "a" * 64])
+def test_the_certified_subdomain_must_be_a_dns_label(firm: str) -> None:
+    with pytest.raises(ConfigurationError, match="DNS label"):
+        check_firm(firm, subdomain=True)
+    assert check_firm("derm-1", subdomain=True) == "derm-1"
+    assert check_firm("a" * 63, subdomain=True) == "a" * 63

@@ -73,6 +73,7 @@ def test_read_builds_one_get_and_returns_the_resource() -> None:
 @pytest.mark.parametrize(("rid", "encoded"), [
     ("pay|7225", "pay%7C7225"), ("CHG|123", "CHG%7C123"), ("note|991", "note%7C991"),
     ("1.120182.1.17082675", "1.120182.1.17082675"), ("abc-DEF-9", "abc-DEF-9"),
+    ("a..b", "a..b"), (".a", ".a"), ("a.", "a."), ("pay|a..b", "pay%7Ca..b"),  # FHIR's id rule (issue 13)
 ])
 def test_ids_are_encoded_as_one_segment(rid: str, encoded: str) -> None:
     assert flows.encode_id(rid) == encoded
@@ -84,8 +85,8 @@ def test_ids_are_encoded_as_one_segment(rid: str, encoded: str) -> None:
 
 
 @pytest.mark.parametrize("rid", [
-    "../Patient/1", "..", ".", "1/2", "1?x=2", "1#frag", "a b", "", "pay|72|25", "a..b", "%2e%2e",
-    "x" * 65, "1\n2", "Patient/1", "|1", "1|",
+    "../Patient/1", "..", ".", "1/2", "1?x=2", "1#frag", "a b", "", "pay|72|25", "%2e%2e",
+    "x" * 65, "1\n2", "Patient/1", "|1", "1|", "...", "pay|..", "..|1", "..\n", "1\t", "1\x00",
 ])
 def test_hostile_ids_are_refused_before_any_request(rid: str) -> None:
     with pytest.raises(flows.InvalidIdError) as err:
@@ -170,6 +171,72 @@ def test_paging_skips_outcome_entries() -> None:
     page["entry"].append({"resource": outcome("informational", "x"), "search": {"mode": "outcome"}})
     _, _, emitted = by_hand(flows.search(PROP, "Patient"), [httpx.Response(200, json=page)])
     assert [r["resourceType"] for r in emitted] == ["Patient"]
+
+
+# -- search results are checked (issue 13) ---------------------------------------------------------
+
+def with_entries(page: dict[str, Any], *extra: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
+    for resource, mode in extra:
+        page["entry"].append({"resource": resource, **({"search": {"mode": mode}} if mode else {})})
+    return page
+
+
+ORG = {"resourceType": "Organization", "id": "org1", "name": "Clinic"}
+
+
+@pytest.mark.parametrize("mode", ["match", None])
+def test_a_match_of_another_type_fails_naming_both_types_and_no_data(mode: str | None) -> None:
+    obs = {"resourceType": "Observation", "id": "o1", "subject": {"display": "Zebulon Quixote"}}
+    page = with_entries(bundle(["1"], f"{BASE}/Patient?page=2"), (obs, mode))
+    flow = flows.search(PROP, "Patient")
+    next(flow)
+    with pytest.raises(ModMedError) as err:
+        flow.send(httpx.Response(200, json=page))  # nothing of the page was emitted: it fails first
+    assert str(err.value).startswith("search Patient answered a match of type Observation: a Patient search")
+    assert "Zebulon" not in str(err.value) and "o1" not in str(err.value)
+
+
+@pytest.mark.parametrize("rtype", [None, 7, "Observation/../x", "x" * 80])
+def test_an_entry_without_a_valid_resource_type_fails_without_echoing_it(rtype: Any) -> None:
+    page = with_entries(bundle(["1"]), ({"resourceType": rtype, "id": "o1"}, "include"))
+    with pytest.raises(ModMedError, match="without a valid resourceType") as err:
+        by_hand(flows.search(PROP, "Patient"), [httpx.Response(200, json=page)])
+    assert "../x" not in str(err.value) and "xxxx" not in str(err.value)
+
+
+def test_included_entries_are_left_out_by_default() -> None:
+    linked = {"resourceType": "Patient", "id": "9"}  # _include=Patient:link: included, not a match
+    pages = [httpx.Response(200, json=with_entries(bundle(["1", "2"], f"{BASE}/Patient?page=2"),
+                                                   (ORG, "include"), (linked, "include"))),
+             httpx.Response(200, json=with_entries(bundle(["3"]), (ORG, "include")))]
+    result, requests, emitted = by_hand(flows.search(PROP, "Patient", {"_include": "Patient:organization"}), pages)
+    assert [r["id"] for r in emitted] == ["1", "2", "3"]  # not the included Organization, nor included Patient 9
+    assert result == 3 and len(requests) == 2
+    assert requests[0].url.params["_include"] == "Patient:organization"
+
+
+def test_included_entries_are_emitted_marked_when_asked() -> None:
+    pages = [httpx.Response(200, json=with_entries(bundle(["1"], f"{BASE}/Patient?page=2"), (ORG, "include"))),
+             httpx.Response(200, json=bundle(["2"]))]
+    result, _, emitted = by_hand(flows.search(PROP, "Patient", includes=True), pages)
+    assert [(type(r).__name__, r["id"]) for r in emitted] == [("dict", "1"), ("Included", "org1"), ("dict", "2")]
+    assert isinstance(emitted[1], flows.Included) and emitted[1].resource_type == "Organization"
+    assert emitted[1] == ORG and not isinstance(emitted[0], flows.Included)
+    assert result == 2  # matches only
+
+
+def test_an_operation_outcome_without_a_mode_is_not_a_match() -> None:
+    page = with_entries(bundle(["1"]), (outcome("informational", "x"), None))
+    _, _, emitted = by_hand(flows.search(PROP, "Patient"), [httpx.Response(200, json=page)])
+    assert [r["resourceType"] for r in emitted] == ["Patient"]
+
+
+def test_split_entries_sorts_matches_and_includes() -> None:
+    page = with_entries(bundle(["1"]), ({"resourceType": "Patient", "id": "2"}, None), (ORG, "include"),
+                        (outcome("warning", "x"), "outcome"))
+    page["entry"] += ["junk", {"search": {"mode": "match"}}]  # no resource: skipped as before
+    matches, included = flows.split_entries(page, "Patient", "search Patient")
+    assert [r["id"] for r in matches] == ["1", "2"] and included == [ORG]
 
 
 def test_paging_refuses_a_foreign_next_link() -> None:

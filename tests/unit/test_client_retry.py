@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import email.utils
+import time
 from typing import Any
 
 import httpx
 import pytest
 
+from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import auth as auth_mod
 from airflow_provider_modmed.client import limiter as limiter_mod
+from airflow_provider_modmed.client._flows import FhirContext
+from airflow_provider_modmed.client.bulk.flows import DownloadPolicy, PollPolicy, kick_off
+from airflow_provider_modmed.client.bulk.request import ExportRequest
 from airflow_provider_modmed.client.config import ClientConfig
+from airflow_provider_modmed.client.drivers import Fetched, Sleep
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.retry import (
+    BACKOFF_INITIAL,
+    MAX_WAIT,
+    RETRY_AFTER_CAP,
     SAFE_TO_RETRY,
     TOKEN_REQUEST,
+    backoff,
     retry_after_seconds,
     should_retry_exception,
     should_retry_response,
 )
 from airflow_provider_modmed.errors import (
     AuthError,
+    NotFoundError,
     RateLimitedError,
     ServerError,
     TransportError,
@@ -29,6 +40,7 @@ from airflow_provider_modmed.errors import (
 from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
 
 BASE = "https://api.example/ema-dev/firm/apiportal/ema/fhir/v2"
+CERT_BASE = "https://apiportal.mmi.prod.fhir.ema-api.com/fhir/r4"
 
 
 @pytest.fixture(autouse=True)
@@ -84,22 +96,83 @@ def test_exception_decisions(exc: BaseException, retry: bool) -> None:
     assert should_retry_exception(exc) is retry
 
 
+NOW = 1_800_000_000.0
+
+
 @pytest.mark.parametrize(("value", "expected"), [
-    ("7", 7.0), ("0", 0.0), ("1.5", 1.5), ("-3", 0.0), ("100000", 120.0), ("soon", None), (None, None),
+    ("7", 7.0), ("1.5", 1.5), ("100000", RETRY_AFTER_CAP), ("soon", None), (None, None),
+    # no usable wait: the caller backs off normally (issue 13: these retried with no wait at all)
+    ("0", None), ("-5", None), ("-0", None), ("nan", None), ("", None),
+    # above 10^9 a number is an instant (epoch seconds), waited until; a past instant is no wait
+    (str(int(NOW) + 40), 40.0), (str(NOW + 2.5), 2.5), (str(int(NOW) - 40), None), (str(int(NOW) + 10**6), 120.0),
+    ("inf", RETRY_AFTER_CAP), ("1e400", RETRY_AFTER_CAP),
 ])
 def test_retry_after_seconds(value: str | None, expected: float | None) -> None:
     headers = {"Retry-After": value} if value is not None else {}
-    assert retry_after_seconds(httpx.Response(429, headers=headers)) == expected
+    assert retry_after_seconds(httpx.Response(429, headers=headers), now=NOW) == expected
 
 
 def test_retry_after_http_date() -> None:
-    now = 1_800_000_000.0
-    future = email.utils.formatdate(now + 30, usegmt=True)
-    past = email.utils.formatdate(now - 30, usegmt=True)
-    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": future}), now=now) == 30.0
-    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": past}), now=now) == 0.0
-    far = email.utils.formatdate(now + 3600, usegmt=True)
-    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": far}), cap=600, now=now) == 600
+    future = email.utils.formatdate(NOW + 30, usegmt=True)
+    past = email.utils.formatdate(NOW - 30, usegmt=True)
+    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": future}), now=NOW) == 30.0
+    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": past}), now=NOW) is None
+    far = email.utils.formatdate(NOW + 3600, usegmt=True)
+    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": far}), now=NOW) == RETRY_AFTER_CAP
+    # a poll interval (202) is not a refusal: honoured up to the caller's cap, never above MAX_WAIT
+    assert retry_after_seconds(httpx.Response(202, headers={"Retry-After": far}), cap=300, now=NOW) == 300
+    assert retry_after_seconds(httpx.Response(202, headers={"Retry-After": "86400"}), cap=10**6) == MAX_WAIT
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "PAST"])
+def test_a_retry_after_asking_for_no_wait_gets_the_normal_backoff(value: str) -> None:
+    """Through the client: each retry waits the backoff (> 0), not the server's zero."""
+    if value == "PAST":
+        value = email.utils.formatdate(1_000_000_000, usegmt=True)
+    server = Server([httpx.Response(429, headers={"Retry-After": value})] * 3 + [200])
+    c, slept = client(server)
+    assert c.read("Patient", "1")["id"] == "1"
+    assert len(slept) == 3 and all(s >= BACKOFF_INITIAL for s in slept), slept
+
+
+def test_an_epoch_retry_after_waits_until_that_instant() -> None:
+    server = Server([httpx.Response(503, headers={"Retry-After": str(int(time.time()) + 45)}), 200])
+    c, slept = client(server)
+    c.read("Patient", "1")
+    assert len(slept) == 1 and 30 <= slept[0] <= 45, slept  # not 120 (the cap) nor 1.8e9 seconds
+
+
+def test_every_wait_is_capped_by_one_constant() -> None:
+    assert backoff(30, 1.0, 10**6) == MAX_WAIT
+    assert backoff(1, 1.0, 10**6, retry_after=10**6, retry_after_cap=10**6) == MAX_WAIT
+    assert backoff(1, 1.0, 10.0, floor=10**6) == MAX_WAIT
+    assert backoff(3, 1.0, 60.0, retry_after=0.0) == 4.0  # a zero Retry-After is no Retry-After
+    policy = PollPolicy(min_wait=1, max_wait=10**6)  # a policy cannot lift the cap
+    assert policy.wait(httpx.Response(202, headers={"Retry-After": "86400"}), 1) == MAX_WAIT
+    assert policy.wait(None, 60) == MAX_WAIT
+    assert DownloadPolicy().wait(Fetched(503, retry_after=10**6), 1) <= RETRY_AFTER_CAP
+
+
+def test_a_throttled_kick_off_waits_at_most_the_refusal_cap_per_try() -> None:
+    """Five 429s answering Retry-After: 600 (the poll policy's max_wait) on the kick-off: 5 x 120 s, not 5 x 600 s."""
+    throttled = httpx.Response(429, headers={"Retry-After": "600"})
+    location = httpx.Response(202, headers={"Content-Location": "fhir-services/$export-status/9"})
+    flow = kick_off(FhirContext(Track.CERTIFIED, CERT_BASE), ExportRequest(), policy=PollPolicy(max_wait=600))
+    sleeps: list[float] = []
+    out: Any = None
+    answers = [throttled] * 5 + [location]
+    while True:
+        try:
+            step = flow.send(out)
+        except StopIteration:
+            break
+        if isinstance(step, Sleep):
+            sleeps.append(step.seconds)
+            out = None
+        else:
+            out = answers.pop(0)
+    assert sleeps == [RETRY_AFTER_CAP] * 5
+    assert sum(sleeps) <= MAX_WAIT
 
 
 # -- through the client ----------------------------------------------------------------------------
@@ -265,3 +338,24 @@ async def test_async_face_applies_the_same_policy() -> None:
             await c.create({"resourceType": "Patient"})
     assert len(server.calls) == 4
 
+
+
+# -- what counts as a resend (issue 13, item 5: delete) --------------------------------------------
+
+@pytest.mark.parametrize(("first", "deleted_by_us"), [
+    (httpx.RemoteProtocolError("answer lost"), True),  # may have landed: a 404 now is our own delete
+    (503, True),
+    (429, False),                                      # refused before acting: a 404 is a real "not there"
+    (httpx.ConnectError("refused"), False),            # never left
+])
+def test_a_delete_resend_meets_a_404(first: Any, deleted_by_us: bool) -> None:
+    server = Server([first, 404])
+    c, _ = client(server)
+    if deleted_by_us:
+        assert c.delete("Patient", "1") is True
+    else:
+        with pytest.raises(NotFoundError):
+            c.delete("Patient", "1")
+        server.script = [429, 404]
+        assert c.delete("Patient", "1", missing_ok=True) is False
+    assert len(server.calls) >= 2

@@ -210,7 +210,9 @@ def test_errors_are_typed_and_carry_the_outcome_not_the_body(status: int, cls: t
         flow.send(httpx.Response(status, json=outcome("invalid", "name.family is bad")))
     assert err.value.status_code == status
     assert err.value.codes == ("invalid",)
-    assert "name.family is bad" in str(err.value)
+    assert str(err.value).endswith(f"(HTTP {status}) [error/invalid]")
+    assert err.value.diagnostics() == ("name.family is bad",)  # on request only, never in the text
+    assert "name.family is bad" not in str(err.value) and "name.family is bad" not in repr(err.value)
     assert "Secretname" not in str(err.value)
 
 

@@ -158,6 +158,7 @@ def test_incremental_takes_the_data_interval(tmp_path: Path) -> None:
     ({"resource_type": "Immunization"}, {}, "track='certified'"),
     ({"resource_type": "Account"}, {}, "requires search parameter.s. patient"),
     ({"max_ids": -1}, {}, "must be >= 0"),
+    ({"includes": "merge"}, {}, "includes must be one of 'separate', 'drop'"),
 ])
 def test_search_refuses_bad_input_before_any_call(tmp_path: Path, kwargs: dict[str, Any], context: dict[str, Any],
                                                   needle: str) -> None:
@@ -215,6 +216,30 @@ def test_openlineage_datasets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     lineage = op.get_openlineage_facets_on_complete(None)
     assert [(d.namespace, d.name) for d in lineage.inputs] == [("modmed://stage.ema-api.com/apiportal", "Patient")]
     assert [(d.namespace, d.name) for d in lineage.outputs] == [("file", str(tmp_path / "p.ndjson"))]
+
+
+def test_included_resources_are_pushed_as_paths_and_counts(tmp_path: Path) -> None:
+    from airflow_provider_modmed.client._flows import Included
+
+    org = Included({"resourceType": "Organization", "id": "o1", "name": "Clinic"})
+    op = ModMedSearchResourcesOperator(task_id="s", resource_type="Patient", output_path=str(tmp_path / "p.ndjson"),
+                                       search_params={"_include": "Patient:organization"})
+    client = wire(op, search=[[*patients(2), org, org]])
+    out = op.execute({})
+    assert client.calls[0][1][2]["includes"] is True  # the operator asks the client for the included ones
+    org_file = tmp_path / "p.include.Organization.ndjson"
+    assert out["included"] == {"Organization": {"path": f"file://{org_file}", "count": 1}}
+    assert out["included_dropped"] == 0 and out["count"] == 2 and out["ids"] == ["1", "2"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "p.ndjson").read_text().splitlines()] == ["1", "2"]
+    assert [json.loads(x) for x in org_file.read_text().splitlines()] == [dict(org)]
+    assert op.lineage_datasets()[1] == [("file", str(tmp_path / "p.ndjson")), ("file", str(org_file))]
+
+    op = ModMedSearchResourcesOperator(task_id="s", resource_type="Patient", includes="drop",
+                                       output_path=str(tmp_path / "d" / "p.ndjson"))
+    wire(op, search=[[*patients(2), org, org]])
+    out = op.execute({})
+    assert out["included"] == {} and out["included_dropped"] == 2 and out["count"] == 2
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["p.ndjson"]
 
 
 def test_still_importable_from_operators_resources() -> None:

@@ -532,3 +532,35 @@ def test_client_is_authenticated_before_the_scope_is_checked(creds: SandboxCrede
                                                              other_rsa: RSAKey) -> None:
     err = _refused(_form(_sign(creds.rs384, key=other_rsa), scope="system/*.write"), creds)
     assert err.error == "invalid_client"
+
+
+# --- JWKS registered at run time (issue 15, item 11) ----------------------------------------------------------
+
+
+def test_registered_jwks_authenticate_and_a_replaced_jwks_retires_a_kid() -> None:
+    from airflow_provider_modmed.sandbox.keys import generate_key, public_jwk
+
+    creds = make_credentials(seed=9)  # its own: registration changes the credentials
+    old_key, new_key = generate_key("ES384"), generate_key("RS384")
+    old = AsymmetricClient("app", "k-old", "ES384", old_key.as_pem(private=True).decode(),
+                           public_jwk(old_key, kid="k-old", algorithm="ES384"))
+    new = AsymmetricClient("app", "k-new", "RS384", new_key.as_pem(private=True).decode(),
+                           public_jwk(new_key, kid="k-new", algorithm="RS384"))
+    assert "not in the registered JWKS" in _refused(_form(_sign(old)), creds).description
+    creds.register_jwks("app", {"keys": [old.public_jwk, new.public_jwk]})
+    assert _issue(_form(_sign(old)), creds)[0] == "app"
+    assert _issue(_form(_sign(new)), creds)[0] == "app"
+    # a kid another client also registered: the key of the client named by iss is the one checked
+    creds.register_jwks("other-app", {"keys": [{**new.public_jwk, "kid": "k-old"}]})
+    assert _issue(_form(_sign(old)), creds)[0] == "app"
+    refused = _refused(_form(_sign(old, claims={"iss": "other-app", "sub": "other-app"})), creds)
+    assert "alg ES384 does not match" in refused.description  # other-app's k-old is an RS384 key
+    creds.register_jwks("other-app", {"keys": [{**new.public_jwk, "kid": "k-other"}]})
+    creds.register_jwks("app", {"keys": [new.public_jwk]})  # retire k-old
+    refused = _refused(_form(_sign(old)), creds)
+    assert refused.description == "client_assertion kid 'k-old' is not in the registered JWKS"
+    assert _issue(_form(_sign(new)), creds)[0] == "app"
+    # a private_key_jwt client cannot fall back to a client secret
+    secret_form = {"grant_type": "client_credentials", "scope": "system/*.read", "client_id": "app",
+                   "client_secret": "x"}
+    assert "registered for private_key_jwt" in _refused(secret_form, creds).description

@@ -23,15 +23,16 @@ from airflow_provider_modmed.client.bulk.errors import (
 from airflow_provider_modmed.client.bulk.manifest import Manifest, ManifestItem
 from airflow_provider_modmed.client.bulk.request import NDJSON, ExportRequest
 from airflow_provider_modmed.client.bulk.run import ExportRun
-from airflow_provider_modmed.client.bulk.sink import MAX_LINE_BYTES, FileRecord
+from airflow_provider_modmed.client.bulk.sink import BLOCK_BYTES, MAX_LINE_BYTES, FileRecord
 from airflow_provider_modmed.client.config import origin
 from airflow_provider_modmed.client.drivers import Fetch, Fetched, Flow, Parallel, Sleep
-from airflow_provider_modmed.client.retry import WHAT, backoff, retry_after_seconds
+from airflow_provider_modmed.client.retry import FLOW_RETRIES, WHAT, backoff, retry_after_seconds
 from airflow_provider_modmed.errors import (
     ConfigurationError,
     ModMedError,
     RateLimitedError,
     ServerError,
+    TransportError,
     error_for_status,
     issues_from_body,
     json_body,
@@ -81,18 +82,23 @@ class PollPolicy:
 @dataclass(frozen=True)
 class DownloadPolicy:
     """Downloads: ``concurrency`` files at a time, ``retries`` more tries per file (429/5xx, broken or
-    unverifiable transfers), ``max_line_bytes`` the longest accepted NDJSON line (memory bound)."""
+    unverifiable transfers), ``max_line_bytes`` the longest accepted NDJSON line (memory bound),
+    ``block_bytes`` how much of the body is gathered before it is written, hashed and checked (CPU per
+    chunk vs memory; 1 processes every network chunk as it comes)."""
 
     concurrency: int = 4
     retries: int = 3
     backoff: float = 1.0
     max_line_bytes: int = MAX_LINE_BYTES
+    block_bytes: int = BLOCK_BYTES
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigurationError("download concurrency must be >= 1")
         if self.retries < 0:
             raise ConfigurationError("download retries must be >= 0")
+        if self.block_bytes < 1:
+            raise ConfigurationError("download block_bytes must be >= 1")
 
     def wait(self, fetched: Fetched, attempt: int) -> float:
         return backoff(attempt, self.backoff, 60.0, retry_after=fetched.retry_after, retry_after_cap=120.0)
@@ -143,16 +149,31 @@ def _kick_off(ctx: FhirContext, request: ExportRequest, max_throttled: int, poli
 
 def poll_status(status_url: str, policy: PollPolicy | None = None, logger: Any = None) -> Flow[Manifest]:
     """Poll the status URL until the manifest (200). 202: log ``X-Progress``, wait ``Retry-After``.
-    Transient failures (OperationOutcome with a transient code, bare 5xx, 429) are polled again up to
-    ``policy.max_errors`` in a row; 404/410 raise :class:`ExportGoneError`; other failures
-    :class:`ExportFailedError` (or the typed error for 401/403)."""
+    Transient failures (OperationOutcome with a transient code, bare 5xx, 429, no answer at all) are
+    polled again up to ``policy.max_errors`` in a row; 404/410 raise :class:`ExportGoneError`; other
+    failures :class:`ExportFailedError` (or the typed error for 401/403).
+
+    This loop is the one poll policy: each poll is sent once (``FLOW_RETRIES``), never resent by the
+    generic retry layer, so every failed answer counts here, against ``max_errors``."""
     policy = policy or PollPolicy()
     logger = logger or log
     what = "bulk export status"
     waits = errors = 0
     while True:
-        response = yield httpx.Request("GET", status_url, headers={"Accept": "application/json"},
-                                       extensions={WHAT: what})
+        try:
+            response = yield httpx.Request("GET", status_url, headers={"Accept": "application/json"},
+                                           extensions={WHAT: what, FLOW_RETRIES: True})
+        except (TransportError, ServerError, RateLimitedError) as exc:
+            # no answer (or the token endpoint failed before the poll left): transient too
+            if errors >= policy.max_errors:
+                raise type(exc)(f"{what} kept failing ({errors + 1} transient failures in a row; the last: "
+                                f"{exc.message})", status_code=exc.status_code, issues=exc.issues) from exc
+            errors += 1
+            wait = policy.wait(None, errors)
+            logger.warning(f"modmed: {what} got no answer ({type(exc).__name__}); transient, polling again "
+                           f"({errors}/{policy.max_errors}) in {wait:.1f}s")
+            yield Sleep(wait)
+            continue
         status = response.status_code
         if status == 200:
             return Manifest.parse(json_body(response), base=status_url, expires=response.headers.get("Expires"))
@@ -176,7 +197,7 @@ def poll_status(status_url: str, policy: PollPolicy | None = None, logger: Any =
         if transient and errors < policy.max_errors:
             errors += 1
             wait = policy.wait(response, errors)
-            shown = f" [{', '.join(sorted(codes))}]" if codes else ""
+            shown = f" [{', '.join(sorted({i.label for i in issues}))}]" if issues else ""
             logger.warning(f"modmed: {what} answered HTTP {status}{shown}; transient, polling again "
                            f"({errors}/{policy.max_errors}) in {wait:.1f}s")
             yield Sleep(wait)
@@ -211,17 +232,23 @@ def file_request(item: ManifestItem, requires_access_token: bool) -> httpx.Reque
 def download_file(run: ExportRun, item: ManifestItem, requires_access_token: bool,
                   policy: DownloadPolicy | None = None) -> Flow[FileRecord]:
     """Store one file (``.part`` + verification + rename + checkpoint), retrying 408/429/5xx, broken
-    transfers and failed verifications up to ``policy.retries`` times."""
+    transfers and failed verifications up to ``policy.retries`` times. A line count that differs from the
+    manifest's ``count`` after a complete transfer fails at once, naming both numbers: the same bytes
+    again would not change it (a broken transfer is fetched again, as any other)."""
     policy = policy or DownloadPolicy()
     attempt = 0
     while True:
         attempt += 1
-        sink = run.sink(item, policy.max_line_bytes)
+        sink = run.sink(item, policy.max_line_bytes, policy.block_bytes)
         fetched = yield Fetch(file_request(item, requires_access_token), sink)
         if fetched.ok:
             record = sink.commit()
             run.file_done(record, item)
             return record
+        if sink.miscount is not None:
+            lines, count = sink.miscount
+            raise VerificationError(f"bulk file {item.name} has {lines} resources but the manifest says {count} "
+                                    f"(a complete transfer, attempt {attempt}; not fetched again)")
         retryable = fetched.error is not None or fetched.status_code in TRANSIENT_STATUSES
         if not retryable or attempt > policy.retries:
             cls = VerificationError if fetched.verification else DownloadError

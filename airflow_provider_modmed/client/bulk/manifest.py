@@ -47,6 +47,13 @@ class ManifestItem:
         object.__setattr__(self, "source", strip_query(self.url))
         object.__setattr__(self, "checkpoint", f"{CHECKPOINTS}/{self.name.replace('/', '.')}.json")
 
+    @property
+    def expected_lines(self) -> int | None:
+        """The line count a stored file must have: ``count`` for output and deleted files. Error files
+        are reports: servers put other numbers there (the count of the output file that failed), so
+        their ``count`` is only compared for a warning, never verified."""
+        return None if self.section == "error" else self.count
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -112,6 +119,12 @@ def _items(section: str, raw: Sequence[Any], base: str | None) -> Iterator[Manif
         rtype = entry.get("type") or default_type
         if not isinstance(rtype, str) or not TYPE_RE.match(rtype):
             raise ModMedError(f"the bulk manifest has a {section!r} entry whose type is not a FHIR type name")
+        if section == "error" and rtype != "OperationOutcome":
+            # error files hold OperationOutcomes whatever the entry says (some servers name the type
+            # whose export failed); every line is checked to be one
+            log.info("modmed: a bulk manifest error entry says type %r; error files hold OperationOutcomes",
+                     rtype)
+            rtype = "OperationOutcome"
         count = entry.get("count")
         count = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
         url = entry["url"]

@@ -26,7 +26,7 @@ from typing import Any
 from airflow_provider_modmed.client.bulk.errors import DownloadError, ExportErrorsReported, ExportGoneError
 from airflow_provider_modmed.client.bulk.manifest import CHECKPOINTS, SECTIONS, Manifest, ManifestItem
 from airflow_provider_modmed.client.bulk.request import ExportRequest
-from airflow_provider_modmed.client.bulk.sink import MAX_LINE_BYTES, FileRecord, NdjsonSink, replace_file
+from airflow_provider_modmed.client.bulk.sink import BLOCK_BYTES, MAX_LINE_BYTES, FileRecord, NdjsonSink, replace_file
 from airflow_provider_modmed.errors import ConfigurationError
 
 log = logging.getLogger("airflow_provider_modmed.client.bulk")
@@ -160,8 +160,9 @@ class ExportRun:
             (self.folder / name).unlink(missing_ok=True)
 
     # -- files ------------------------------------------------------------------------------------
-    def sink(self, item: ManifestItem, max_line_bytes: int = MAX_LINE_BYTES) -> NdjsonSink:
-        return NdjsonSink(self.folder, item, max_line_bytes)
+    def sink(self, item: ManifestItem, max_line_bytes: int = MAX_LINE_BYTES,
+             block_bytes: int = BLOCK_BYTES) -> NdjsonSink:
+        return NdjsonSink(self.folder, item, max_line_bytes, block_bytes)
 
     def record(self, item: ManifestItem) -> FileRecord | None:
         """The checkpoint of ``item`` if its file is stored, verified, and still from the same source."""
@@ -174,7 +175,7 @@ class ExportRun:
             return None
         if record.name != item.name or record.type != item.type or record.source != item.source:
             return None
-        if item.count is not None and record.lines != item.count:
+        if item.expected_lines is not None and record.lines != item.expected_lines:
             return None
         target = self.folder / item.name
         try:
