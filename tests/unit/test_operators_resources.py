@@ -7,7 +7,6 @@ tests/integration/test_client_writes.py."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest.mock import create_autospec
@@ -15,7 +14,7 @@ from unittest.mock import create_autospec
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_modmed.capabilities import DEFAULT, Capabilities, Track
+from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client import writes
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.errors import ConflictError, NotFoundError
@@ -28,39 +27,12 @@ from airflow_provider_modmed.operators.resources import (
     json_merge_patch,
 )
 from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
+from tests.unit.operator_fakes import FakeHook
 
 PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "MRN-1"}],
            "name": [{"family": "Qwertyphi", "given": ["Alpha"]}], "birthDate": "1971-02-03"}
 CHARGE = {"resourceType": "ChargeItem", "status": "billable", "code": {"text": "99213"},
           "subject": {"reference": "Patient/1"}}
-
-
-@dataclass
-class FakeConfig:
-    track: Track
-    fhir_base: str = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
-    firm: str = "apiportal"
-    capabilities: Capabilities = DEFAULT
-
-    @property
-    def resolved_track(self) -> Track:
-        return self.track
-
-
-class FakeHook:
-    """The hook as operators use it: a config of ``track`` and ``client``; counts ``close()``."""
-
-    def __init__(self, track: Track, client: Any) -> None:
-        self.track = track
-        self.config = FakeConfig(track)
-        self.client = client
-        self.closed = 0
-
-    def get_conn(self) -> Any:
-        return self.client
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 def wire(op: Any, track: Track = Track.PROPRIETARY, **answers: Any) -> Any:

@@ -13,22 +13,11 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_modmed.capabilities import DEFAULT, Capabilities, Track
+from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client._flows import FhirContext
 from airflow_provider_modmed.operators._common import MASK
 from airflow_provider_modmed.operators.search import ModMedSearchResourcesOperator
-
-
-@dataclass
-class FakeConfig:
-    track: Track
-    fhir_base: str = "https://stage.ema-api.com/ema-dev/firm/apiportal/ema/fhir/v2"
-    firm: str = "apiportal"
-    capabilities: Capabilities = DEFAULT
-
-    @property
-    def resolved_track(self) -> Track:
-        return self.track
+from tests.unit.operator_fakes import FakeHook
 
 
 @dataclass
@@ -50,20 +39,6 @@ class FakeClient:
         if isinstance(answer, list):
             answer = answer.pop(0)
         return iter((answer(rt, params, kwargs) if callable(answer) else answer) or [])
-
-
-class FakeHook:
-    def __init__(self, track: Track, client: Any) -> None:
-        self.track = track
-        self.config = FakeConfig(track)
-        self.client = client
-        self.closed = 0
-
-    def get_conn(self) -> Any:
-        return self.client
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 def wire(op: Any, track: Track = Track.PROPRIETARY, **answers: Any) -> FakeClient:
