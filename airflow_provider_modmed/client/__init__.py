@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from airflow_provider_modmed.client._flows import (
     FhirContext,
+    Included,
     InvalidIdError,
     encode_id,
     next_page_request,
@@ -31,9 +32,11 @@ from airflow_provider_modmed.client.auth import (
     token_cache,
 )
 from airflow_provider_modmed.client.config import AuthMethod, ClientConfig
+from airflow_provider_modmed.client.drivers import Emit, Sleep, adrive, aiterate, drive, iterate
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.limiter import RateBudget
 from airflow_provider_modmed.client.retry import retry_after_seconds, retry_kwargs
+from airflow_provider_modmed.client.writes import PatchResult, json_merge_patch
 from airflow_provider_modmed.profile import certified_fhir_base, proprietary_fhir_base
 
 __all__ = [
@@ -45,9 +48,11 @@ __all__ = [
     "Emit",
     "FhirClient",
     "FhirContext",
+    "Included",
     "InvalidIdError",
     "ModMedAuth",
     "PasswordGrantAuth",
+    "PatchResult",
     "RateBudget",
     "Sleep",
     "SmartBackendAuth",
@@ -59,6 +64,7 @@ __all__ = [
     "drive",
     "encode_id",
     "iterate",
+    "json_merge_patch",
     "next_page_request",
     "proprietary_fhir_base",
     "retry_after_seconds",
