@@ -3,7 +3,8 @@
 Field names are the keys users put in the connection's Extra JSON. Secret fields carry a word from
 Airflow's sensitive-name list (``api_key``, ``secret``, ``private_key``, ``password``) so their values are
 masked in logs and in the REST API; ``token_url`` contains "token" and is masked too (documented).
-``rate_limit_storage_uri`` is not a secret name, so a Redis password goes in ``rate_limit_storage_password``.
+``rate_limit_storage_uri`` is not a secret name, so a Redis password goes in ``rate_limit_storage_password``;
+likewise a proxy's password goes in ``proxy_password``, not in ``proxy``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,21 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "Rate-limit storage password", "With a redis:// rate-limit storage URI that needs one: the Redis "
         "password (AUTH); added to the URI when connecting.", secret=True),
     "timeout": _integer("Timeout (seconds)", "Every connection (optional): read timeout of one HTTP call.", 30),
+    # -- egress, every connection
+    "proxy": _string(
+        "HTTPS proxy", "Every connection (optional), where egress must go through a proxy: http://host:port "
+        "(or https://), with a user name if the proxy asks for one (http://user@host:port). Every https:// "
+        "call (token, FHIR, bulk files, presigned uploads) goes through it as a CONNECT tunnel. Shown in clear: "
+        "put the proxy's password in 'Proxy password'.",
+        examples=["http://proxy.hospital.internal:3128"]),
+    "proxy_password": _string(
+        "Proxy password", "With a proxy that needs one: the proxy user's password (Basic "
+        "Proxy-Authorization); added to the proxy URL when connecting.", secret=True),
+    "ca_bundle": _string(
+        "CA bundle, PEM", "Every connection (optional), where the server (or a TLS-inspecting proxy) presents "
+        "certificates of a private CA: the CA certificates to trust, as PEM text (-----BEGIN CERTIFICATE-----"
+        "...; several may follow each other), or the path of a file or directory of them on every worker. "
+        "Replaces the system's CAs for this connection.", multiline=True),
 }
 
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {

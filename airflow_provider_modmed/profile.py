@@ -82,3 +82,9 @@ APPOINTMENT_TYPE_SYSTEM = "https://www.modmed.com/fhir/appointment-type"
 PAYER_ID_SYSTEM = "https://www.modmed.com/fhir/payer-id"
 #: ModMed's ValueSets: ``{VALUE_SET_BASE}/{id}``
 VALUE_SET_BASE = "https://www.modmed.com/fhir/ValueSet"
+
+# -- code conventions -----------------------------------------------------------------------------
+
+#: Condition create: ModMed takes the clinical status codes of FHIR's ``condition-clinical`` system
+#: upper-case (``ACTIVE``, not ``active``) and refuses other spellings with 400
+CONDITION_CLINICAL_STATUS_CODES = ("ACTIVE", "RECURRENCE", "RELAPSE", "INACTIVE", "REMISSION", "RESOLVED")

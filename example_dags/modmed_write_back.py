@@ -18,7 +18,7 @@ identifier, fails the task at once instead of letting later runs duplicate.
 | `kind` | `allergy` or `condition` |
 | `patient_id` | ModMed's Patient id |
 | `code_system`, `code`, `display` | the coding (e.g. SNOMED CT for allergies, ICD-10-CM for conditions) |
-| `clinical_status` | `active`, `inactive` or `resolved` |
+| `clinical_status` | `active`, `inactive` or `resolved` (sent upper-case on a Condition: ModMed's convention) |
 | `category` | food, medication, environment, biologic (allergy); problem-list-item, encounter-diagnosis (condition) |
 | `onset_date` | optional, `YYYY-MM-DD` |
 
@@ -135,7 +135,8 @@ def to_resource(row: dict[str, str], number: int) -> dict[str, Any]:
             raise RowError(f"row {number}: column 'category' must be one of {sorted(CONDITION_CATEGORIES)}")
         resource = {
             "resourceType": "Condition", **resource,
-            "clinicalStatus": {"coding": [{"system": f"{HL7}/condition-clinical", "code": status}]},
+            # ModMed's Condition create takes the clinical status upper-case and refuses "active" with 400
+            "clinicalStatus": {"coding": [{"system": f"{HL7}/condition-clinical", "code": status.upper()}]},
             "verificationStatus": {"coding": [{"system": f"{HL7}/condition-ver-status", "code": "confirmed"}]},
             "category": [{"coding": [{"system": f"{HL7}/condition-category", "code": category}]}],
             "subject": {"reference": f"Patient/{patient_id}"},

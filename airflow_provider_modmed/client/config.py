@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 
 from airflow_provider_modmed import profile
 from airflow_provider_modmed.capabilities import DEFAULT, Capabilities, Track
+from airflow_provider_modmed.client.egress import PEM_CERTIFICATE, PROXY_FIELD, ca_context
 from airflow_provider_modmed.errors import ConfigurationError, ModMedError
 
 #: where each ClientConfig field lives in an Airflow connection (for error messages)
@@ -39,6 +41,8 @@ _WHERE: dict[str, str] = {
     "rate_limit_per_minute": 'extra field "rate_limit_per_minute"',
     "rate_limit_storage_uri": 'extra field "rate_limit_storage_uri"',
     "timeout": 'extra field "timeout"',
+    "proxy": PROXY_FIELD,
+    "ca_bundle": 'extra field "ca_bundle"',
     "max_retries": 'argument "max_retries"',
 }
 
@@ -132,6 +136,23 @@ def check_url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
+def check_proxy(value: str) -> str:
+    """Validate a proxy URL: ``http://`` or ``https://``, a host, and nothing after the port. The message shows
+    ``scheme://host:port`` at most, never the user info (it may hold the proxy's password)."""
+    where = _where("proxy")
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError):
+        raise ConfigurationError(f"proxy is not a valid URL {where}: use http://host:port, e.g. "
+                                 "http://proxy.hospital.internal:3128") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(f"proxy must be an http:// or https:// URL with a host {where}, e.g. "
+                                 f"http://proxy.hospital.internal:3128; got scheme {url.scheme or 'none'!r}")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigurationError(f"proxy must be scheme://host:port with nothing after the port {where}")
+    return value
+
+
 def check_firm(firm: str, *, subdomain: bool = False) -> str:
     """Validate a firm URL prefix before any call: one URL path segment (letters, digits, ``-``, ``_``,
     ``.``; not ``.`` or ``..``); with ``subdomain`` (the certified track's host ``{firm}.mmi.prod...``)
@@ -182,6 +203,10 @@ class ClientConfig:
     rate_limit_storage_uri: str = field(default="memory://", repr=False)  # may carry a Redis password
     timeout: float = 30.0
     verify: bool | str = True
+    #: ``http://[user[:password]@]host:port`` (or ``https://``): every https:// request goes through it
+    proxy: str | None = field(default=None, repr=False)  # may carry the proxy's password
+    #: the CAs to trust instead of the system's: PEM text, or the path of a file or directory of them
+    ca_bundle: str | None = field(default=None, repr=False)
     max_retries: int = 5
     capabilities: Capabilities = field(default=DEFAULT, repr=False)
 
@@ -220,6 +245,29 @@ class ClientConfig:
         if isinstance(self.verify, str) and not os.path.exists(self.verify):
             raise ConfigurationError(f"verify names a CA bundle that does not exist: {self.verify!r} (a file or "
                                      "directory of CA certificates, or true/false)")
+        if self.proxy:
+            check_proxy(self.proxy)
+        if self.ca_bundle:
+            self._check_ca_bundle()
+
+    def _check_ca_bundle(self) -> None:
+        where = _where("ca_bundle")
+        if self.verify is False:
+            raise ConfigurationError(f"ca_bundle is set but verify is false {where}: a CA bundle is for verifying "
+                                     "the server's certificate; keep verify true")
+        if isinstance(self.verify, str):
+            raise ConfigurationError(f"the CA bundle is given twice: in ca_bundle {where} and in verify="
+                                     f"{self.verify!r}; give it once")
+        bundle = self.ca_bundle or ""
+        if PEM_CERTIFICATE not in bundle and not os.path.exists(bundle):
+            raise ConfigurationError(f"ca_bundle {where} must be PEM certificates (-----BEGIN CERTIFICATE-----"
+                                     "...) or the path of a file or directory of them; no such file: "
+                                     f"{bundle[:120]!r}")
+        try:
+            ca_context(bundle)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigurationError(f"ca_bundle {where} holds no usable CA certificate "
+                                     f"({type(exc).__name__}: {exc})") from None
 
     def _require(self, name: str, why: str) -> None:
         if not getattr(self, name):

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -27,7 +25,7 @@ from tenacity import AsyncRetrying, Retrying
 
 from airflow_provider_modmed import __version__
 from airflow_provider_modmed.client import _flows as flows
-from airflow_provider_modmed.client import drivers, writes
+from airflow_provider_modmed.client import drivers, egress, writes
 from airflow_provider_modmed.client.auth import (
     TOKEN_REQUEST,
     ModMedAuth,
@@ -83,7 +81,10 @@ def _transport_error(request: httpx.Request, exc: httpx.RequestError) -> Transpo
     if tls is not None:
         return TransportError(f"{describe(request)}: the server's TLS certificate failed verification "
                               f"({tls.verify_message or tls.reason}); if the practice's server uses a private CA, "
-                              "give the client its CA bundle (verify=<file>)")
+                              "give the client its CA bundle (extra field \"ca_bundle\", or verify=<file>)")
+    proxy = egress.proxy_failure(exc)
+    if proxy is not None:
+        return TransportError(f"{describe(request)}: {proxy}")
     if request.extensions.get(NO_RESEND):
         return TransportError(f"{describe(request)} got no answer ({type(exc).__name__}); not resent: the server "
                               "may have acted on it")
@@ -113,13 +114,10 @@ class _Face:
         event hooks, so requests the auth flow makes are counted too); not presigned storage URLs."""
         return bool(request.extensions.get(TOKEN_REQUEST)) or self.auth.owns(request)
 
-    def _client_kwargs(self, transport: Any) -> dict[str, Any]:
-        verify: Any = self.config.verify
-        if isinstance(verify, str):  # a CA bundle (file) or a directory of certificates
-            verify = (ssl.create_default_context(capath=verify) if os.path.isdir(verify)
-                      else ssl.create_default_context(cafile=verify))
-        return {"timeout": self.config.timeout, "verify": verify, "transport": transport,
-                "follow_redirects": False, "headers": CLIENT_HEADERS}
+    def _client_kwargs(self, transport: Any, *, asynchronous: bool = False) -> dict[str, Any]:
+        """The face's httpx client: TLS trust and proxy (:mod:`.egress`), timeout, no redirects, headers."""
+        return {**egress.client_kwargs(self.config, transport, asynchronous=asynchronous),
+                "timeout": self.config.timeout, "follow_redirects": False, "headers": CLIENT_HEADERS}
 
     def _build(self, request: httpx.Request) -> httpx.Request:
         """A flow's request rebuilt through the face's httpx client: its headers and timeout apply (the
@@ -280,7 +278,7 @@ class AsyncFhirClient(_Face):
         self._asleep = sleep
         self._owns_http = http_client is None
         self.http = (http_client if http_client is not None
-                     else httpx.AsyncClient(**self._client_kwargs(transport)))
+                     else httpx.AsyncClient(**self._client_kwargs(transport, asynchronous=True)))
         hooks = self.http.event_hooks
         hooks["request"] = [*hooks.get("request", []), async_credential_guard(self.auth), self._spend_budget]
         self.http.event_hooks = hooks

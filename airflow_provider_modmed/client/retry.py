@@ -20,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tenacity import RetryCallState, retry_if_exception, retry_if_result, stop_after_attempt
@@ -113,15 +113,23 @@ def _request_of(exc: BaseException) -> httpx.Request | None:
         return None
 
 
-def tls_verify_failure(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
-    """The certificate verification error behind ``exc`` (httpx -> httpcore -> ssl), if that is what it is."""
+E = TypeVar("E", bound=BaseException)
+
+
+def cause_of(exc: BaseException | None, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s chain of causes (httpx -> httpcore -> ssl/OSError)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ssl.SSLCertVerificationError):
+        if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def tls_verify_failure(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind ``exc`` (httpx -> httpcore -> ssl), if that is what it is."""
+    return cause_of(exc, ssl.SSLCertVerificationError)
 
 
 def should_retry_exception(exc: BaseException) -> bool:

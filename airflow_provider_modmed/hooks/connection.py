@@ -17,6 +17,7 @@ import httpx
 from airflow_provider_modmed import profile
 from airflow_provider_modmed.capabilities import Track
 from airflow_provider_modmed.client.config import ClientConfig, check_firm, origin
+from airflow_provider_modmed.client.egress import shown_proxy
 from airflow_provider_modmed.client.limiter import shown_storage_uri, storage_uri_passwords
 from airflow_provider_modmed.connection_form import (
     CONN_FIELDS,
@@ -42,14 +43,15 @@ _PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
 
 
 def normalize_pem(text: str) -> str:
-    """A PEM key as pasted into a one-line password input (newlines lost, or typed as ``\\n``), re-wrapped."""
+    """PEM text as pasted into a one-line input (newlines lost, or typed as ``\\n``), re-wrapped: a key, or
+    every certificate of a CA bundle. Text holding no PEM block (e.g. a file path) is returned stripped."""
     text = text.strip().replace("\\n", "\n")
-    match = _PEM.search(text)
-    if match is None:
-        return text
-    label, body = match.group(1), "".join(match.group(2).split())
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n"
+    blocks = []
+    for match in _PEM.finditer(text):
+        label, body = match.group(1), "".join(match.group(2).split())
+        lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+        blocks.append("\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n")
+    return "".join(blocks) or text
 
 
 def _int(extra: Mapping[str, Any], name: str, default: int) -> int:
@@ -65,20 +67,21 @@ def _int(extra: Mapping[str, Any], name: str, default: int) -> int:
     return number
 
 
-def storage_uri(uri: str, password: str | None) -> str:
-    """``rate_limit_storage_uri`` with ``rate_limit_storage_password`` put into its user info (URL-quoted).
+def url_with_password(uri: str, password: str | None, *, field: str, masked_field: str, what: str,
+                      shown: str, example: str) -> str:
+    """``uri`` with ``password`` (its own, masked connection field) put into its user info, URL-quoted.
 
-    The password has a field of its own because Airflow shows the URI field in clear in the UI and the
-    REST API, and masks a field whose name holds "password". A password left in the URI still works
-    (with a warning); one given both ways is refused.
+    A URI field is shown in clear in Airflow's UI and REST API, which mask only fields whose name holds
+    "password" (or another sensitive word): so the password has a field of its own. A password left in the
+    URI still works (with a warning); one given both ways is refused. Messages show ``shown`` (no secret).
     """
     if storage_uri_passwords(uri):
         if password:
-            raise ConfigurationError("the rate-limit storage password is given twice: in rate_limit_storage_uri "
-                                     "and in rate_limit_storage_password ('Rate-limit storage password'); "
-                                     "keep it only in rate_limit_storage_password")
-        log.warning("modmed: rate_limit_storage_uri holds a password, which Airflow shows in clear in the UI and "
-                    "the REST API: move it to the extra field rate_limit_storage_password")
+            label = CONN_FIELDS[masked_field]["label"]
+            raise ConfigurationError(f"the {what} password is given twice: in {field} and in {masked_field} "
+                                     f"({label!r}); keep it only in {masked_field}")
+        log.warning("modmed: %s holds a password, which Airflow shows in clear in the UI and the REST API: move it "
+                    "to the extra field %s", field, masked_field)
     if not password:
         return uri
     try:
@@ -86,12 +89,29 @@ def storage_uri(uri: str, password: str | None) -> str:
     except ValueError:
         netloc = ""
     if not netloc:
-        raise ConfigurationError(f"rate_limit_storage_password is set but rate_limit_storage_uri "
-                                 f"({shown_storage_uri(uri)}) names no host to send it to: use a URI such as "
-                                 "redis://host:6379/0, or clear the password")
+        raise ConfigurationError(f"{masked_field} is set but {field} ({shown}) names no host to send it to: "
+                                 f"use a URI such as {example}, or clear the password")
     user, _, hosts = netloc.rpartition("@")
     scheme, _, rest = uri.partition("://")
     return f"{scheme}://{user}:{quote(password, safe='')}@{hosts}{rest[len(netloc):]}"
+
+
+def storage_uri(uri: str, password: str | None) -> str:
+    """``rate_limit_storage_uri`` with ``rate_limit_storage_password`` put into its user info."""
+    return url_with_password(uri, password, field="rate_limit_storage_uri",
+                             masked_field="rate_limit_storage_password", what="rate-limit storage",
+                             shown=shown_storage_uri(uri), example="redis://host:6379/0")
+
+
+def proxy_url(uri: str | None, password: str | None) -> str | None:
+    """``proxy`` with ``proxy_password`` put into its user info (after the user name, if any)."""
+    if not uri:
+        if password:
+            raise ConfigurationError("proxy_password ('Proxy password') is set but proxy ('HTTPS proxy') is empty: "
+                                     "set proxy to http://host:port, or clear the password")
+        return None
+    return url_with_password(uri, password, field="proxy", masked_field="proxy_password", what="proxy",
+                             shown=shown_proxy(uri), example="http://user@proxy.hospital.internal:3128")
 
 
 def fhir_base_for(track: Track, environment: str, firm: str, host: str | None) -> str:
@@ -198,6 +218,8 @@ def config_from_connection(*, host: str | None, login: str | None, password: str
         "rate_limit_storage_uri": storage_uri(_clean(extra.get("rate_limit_storage_uri")) or "memory://",
                                               _clean(extra.get("rate_limit_storage_password"))),
         "timeout": float(_int(extra, "timeout", 30)),
+        "proxy": proxy_url(_clean(extra.get("proxy")), _clean(extra.get("proxy_password"))),
+        "ca_bundle": normalize_pem(bundle) if (bundle := _clean(extra.get("ca_bundle"))) else None,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ClientConfig(**values)

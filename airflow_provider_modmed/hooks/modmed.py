@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -29,11 +32,12 @@ from airflow_provider_modmed.hooks.connection import config_from_connection
 
 def _mask(config: ClientConfig) -> None:
     """Register the connection's secrets with Airflow's masker (a PEM key line by line too, and the password
-    inside the rate-limit storage URI, as written there and decoded)."""
+    inside the rate-limit storage URI and the proxy URL, as written there and decoded)."""
     from airflow.sdk.log import mask_secret
 
     for value in (config.api_key, config.password, config.client_secret, config.private_key,
-                  *sorted(storage_uri_passwords(config.rate_limit_storage_uri))):
+                  *sorted(storage_uri_passwords(config.rate_limit_storage_uri)),
+                  *sorted(storage_uri_passwords(config.proxy or ""))):
         if value:
             mask_secret(value)
     if config.private_key:
@@ -42,13 +46,27 @@ def _mask(config: ClientConfig) -> None:
                 mask_secret(line)
 
 
+@dataclasses.dataclass(eq=False)
+class _SharedClient:
+    """One shared async client and how many users hold it (see :meth:`ModMedHook.shared_async_client`)."""
+
+    config: ClientConfig
+    client: AsyncFhirClient
+    users: int = 0
+
+
+#: per event loop: connection id -> the shared clients in use (one per configuration of that connection)
+_shared_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, list[_SharedClient]]] = (
+    weakref.WeakKeyDictionary())
+
+
 class ModMedHook(BaseHook):
     """Talks to one ModMed practice on one API track, configured by an Airflow connection.
 
     The connection's Extra holds ``track``, ``environment``, ``firm_url_prefix``, ``auth_method``,
     ``api_key``, ``client_id``, ``client_secret``, ``private_key``, ``key_id``, ``jwt_algorithm``,
     ``scope``, ``token_url``, ``rate_limit_per_minute``, ``rate_limit_storage_uri``,
-    ``rate_limit_storage_password`` and ``timeout``;
+    ``rate_limit_storage_password``, ``timeout``, ``proxy``, ``proxy_password`` and ``ca_bundle``;
     ``login``/``password`` are the password-grant username and password and ``host`` a custom base URL.
 
     :param modmed_conn_id: the connection id (one per practice and track)
@@ -106,6 +124,34 @@ class ModMedHook(BaseHook):
     async def get_async_client(self) -> AsyncFhirClient:
         """A new async client (callers close it with ``aclose()`` or ``async with``)."""
         return AsyncFhirClient(await self.aget_config())
+
+    @contextlib.asynccontextmanager
+    async def shared_async_client(self) -> AsyncIterator[AsyncFhirClient]:
+        """The async client of this connection shared within the running event loop (``async with``).
+
+        Every user of the same connection and configuration in one event loop (the triggers of a
+        triggerer) gets the same :class:`AsyncFhirClient`: one httpx connection pool and one TLS context
+        per connection instead of one per trigger. The client is closed when its last user leaves; a
+        connection edited meanwhile gets a new client for new users (the old one serves its users out).
+        Users must not close it themselves.
+        """
+        config = await self.aget_config()
+        per_conn = _shared_clients.setdefault(asyncio.get_running_loop(), {})
+        entries = per_conn.setdefault(self.modmed_conn_id, [])
+        entry = next((e for e in entries if e.config == config), None)
+        if entry is None:
+            entry = _SharedClient(config, AsyncFhirClient(config))
+            entries.append(entry)
+        entry.users += 1
+        try:
+            yield entry.client
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                entries.remove(entry)
+                if not entries and per_conn.get(self.modmed_conn_id) is entries:
+                    del per_conn[self.modmed_conn_id]
+                await entry.client.aclose()
 
     def close(self) -> None:
         if self._client is not None:

@@ -75,8 +75,16 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def build_api_app(state: SandboxState) -> Starlette:
-    """The API listener: proprietary track, Keycloak token URL, certified track, admin endpoints."""
-    creds = state.credentials
+    """The API listener: proprietary track, Keycloak token URL, certified track, admin endpoints.
+
+    ``state`` is the root practice; each request is served by the practice its ``{firm}`` names.
+    """
+
+    def practice_of(request: Request) -> SandboxState:
+        practice = state.practice(request.path_params["firm"])
+        if practice is None:
+            raise FhirError(404, "not-found", f"Unknown firm URL prefix '{request.path_params['firm']}'")
+        return practice
 
     def proprietary_base(request: Request) -> str:
         p = request.path_params
@@ -89,12 +97,12 @@ def build_api_app(state: SandboxState) -> Starlette:
         p = request.path_params
         if "env" in p and f"/{p['env']}/firm" not in ENVIRONMENT_PATHS:
             raise FhirError(404, "not-found", f"Unknown environment '{p['env']}'")
-        if p["firm"] != creds.firm:
-            raise FhirError(404, "not-found", f"Unknown firm URL prefix '{p['firm']}'")
+        practice_of(request)
 
     def check_api_key(request: Request) -> str:
         api_key = request.headers.get("x-api-key")
-        if not api_key or api_key != creds.api_key:
+        practice = practice_of(request)
+        if not api_key or api_key != practice.credentials.api_key:
             state.stats["forbidden_api_key"] += 1
             raise FhirError(403, "forbidden", "Missing or unknown x-api-key")
         if state.faults.rate_storm > 0:
@@ -102,7 +110,7 @@ def build_api_app(state: SandboxState) -> Starlette:
                 state.faults.rate_storm -= 1
             state.stats["throttled"] += 1
             raise FhirError(429, "throttled", "Rate limit exceeded")
-        if not state.take_budget(api_key):
+        if not practice.take_budget(api_key):
             state.stats["throttled"] += 1
             state.stats[f"throttled:{_key_label(api_key)}"] += 1
             raise FhirError(429, "throttled", "Rate limit exceeded")
@@ -112,7 +120,7 @@ def build_api_app(state: SandboxState) -> Starlette:
     def bearer(request: Request, track: str) -> Token:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        token = state.valid_token(value.strip(), track) if scheme.lower() == "bearer" else None
+        token = practice_of(request).valid_token(value.strip(), track) if scheme.lower() == "bearer" else None
         if token is None:
             state.stats["unauthorized"] += 1
             raise FhirError(401, "login", "Missing, unknown or expired access token",
@@ -137,24 +145,26 @@ def build_api_app(state: SandboxState) -> Starlette:
     async def proprietary_grant(request: Request) -> Response:
         async def work() -> Response:
             check_api_key(request)
+            practice = practice_of(request)
+            creds = practice.credentials
             form = await _form(request)
             state.stats["token_requests"] += 1
             grant = form.get("grant_type")
             if grant == "password":
                 if form.get("username") != creds.username or form.get("password") != creds.password:
                     return _oauth_error(401, "invalid_grant", "Bad username or password")
-                refresh = state.refresh_tokens_by_user.get(creds.username)
+                refresh = practice.refresh_tokens_by_user.get(creds.username)
                 if refresh is None:
                     refresh = secrets.token_urlsafe(32)
-                    state.refresh_tokens_by_user[creds.username] = refresh
-                    state.refresh_tokens[refresh] = creds.username
+                    practice.refresh_tokens_by_user[creds.username] = refresh
+                    practice.refresh_tokens[refresh] = creds.username
             elif grant == "refresh_token":
                 refresh = form.get("refresh_token", "")
-                if refresh not in state.refresh_tokens:
+                if refresh not in practice.refresh_tokens:
                     return _oauth_error(401, "invalid_grant", "Unknown or revoked refresh token")
             else:
                 return _oauth_error(400, "unsupported_grant_type", "grant_type must be password or refresh_token")
-            token = state.issue("proprietary", creds.username, state.config.token_ttl, api_key=creds.api_key)
+            token = practice.issue("proprietary", creds.username, state.config.token_ttl, api_key=creds.api_key)
             body: dict[str, Any] = {"access_token": token.value, "refresh_token": refresh,
                                     "token_type": "Bearer", "scope": request.path_params["firm"]}
             if not state.config.omit_expires_in:
@@ -172,9 +182,11 @@ def build_api_app(state: SandboxState) -> Starlette:
         form = await _form(request)
         if form.get("grant_type") != "client_credentials":
             return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
-        if form.get("client_id") != creds.cc_client_id or form.get("client_secret") != creds.cc_client_secret:
+        # one realm for every practice: the client id names the practice
+        practice = next((p for p in state.practices if p.credentials.cc_client_id == form.get("client_id")), None)
+        if practice is None or form.get("client_secret") != practice.credentials.cc_client_secret:
             return _oauth_error(401, "invalid_client", "Invalid client credentials")
-        token = state.issue("proprietary", creds.cc_client_id, state.config.keycloak_token_ttl)
+        token = practice.issue("proprietary", practice.credentials.cc_client_id, state.config.keycloak_token_ttl)
         return JSONResponse({"access_token": token.value, "expires_in": int(state.config.keycloak_token_ttl),
                              "token_type": "Bearer", "not-before-policy": 0, "scope": "profile email"})
 
@@ -183,7 +195,7 @@ def build_api_app(state: SandboxState) -> Starlette:
             async def work() -> Response:
                 check_api_key(request)
                 bearer(request, "proprietary")
-                return await handler(state, Track.PROPRIETARY, request, proprietary_base(request))
+                return await handler(practice_of(request), Track.PROPRIETARY, request, proprietary_base(request))
             return await guarded(request, "proprietary", work)
         return endpoint
 
@@ -211,11 +223,12 @@ def build_api_app(state: SandboxState) -> Starlette:
             form = await _form(request)
             try:
                 client_id, scopes = smart.issue_certified_token(
-                    form, token_url=token_url(request), creds=creds, now=state.now(), seen_jti=state.seen_jti)
+                    form, token_url=token_url(request), creds=practice_of(request).credentials, now=state.now(),
+                    seen_jti=state.seen_jti)
             except smart.OAuthError as exc:
                 return _oauth_error(exc.status, exc.error, exc.description)
             ttl = state.config.certified_token_ttl
-            token = state.issue("certified", client_id, ttl, tuple(scopes))
+            token = practice_of(request).issue("certified", client_id, ttl, tuple(scopes))
             return JSONResponse({"access_token": token.value, "token_type": "bearer",
                                  "expires_in": int(ttl), "scope": " ".join(scopes)})
         return await guarded(request, "token", work)
@@ -228,7 +241,7 @@ def build_api_app(state: SandboxState) -> Starlette:
                 if rt and interaction in (Interaction.READ, Interaction.SEARCH) and \
                         not smart.scope_allows(token.scopes, rt, interaction.value):
                     raise FhirError(403, "forbidden", f"Token scopes do not allow {interaction.value} on {rt}")
-                return await handler(state, Track.CERTIFIED, request, certified_base(request))
+                return await handler(practice_of(request), Track.CERTIFIED, request, certified_base(request))
             return await guarded(request, "certified", work)
         return endpoint
 
@@ -249,7 +262,7 @@ def build_api_app(state: SandboxState) -> Starlette:
                 if value is not None:
                     text = value if isinstance(value, str) else str(value)
                     params[p["name"]] = f"{params[p['name']]},{text}" if p["name"] in params else text
-        status_url = state.exports.kick_off(
+        status_url = state_.exports.kick_off(
             level=level, group_id=request.path_params.get("gid"), params=params,
             prefer=request.headers.get("prefer", ""), accept=request.headers.get("accept", ""),
             request_url=str(request.url), fhir_base=fhir_base, scopes=token.scopes)
@@ -259,8 +272,8 @@ def build_api_app(state: SandboxState) -> Starlette:
     async def export_status(state_: SandboxState, track: Track, request: Request, fhir_base: str) -> Response:
         bearer(request, "certified")
         if request.method == "DELETE":
-            return state.exports.cancel(request.path_params["job"])
-        return state.exports.status(request.path_params["job"])
+            return state_.exports.cancel(request.path_params["job"])
+        return state_.exports.status(request.path_params["job"])
 
     async def refuse_export(request: Request) -> Response:
         async def work() -> Response:
@@ -295,6 +308,10 @@ def build_api_app(state: SandboxState) -> Starlette:
 
     async def admin_client_jwks(request: Request) -> Response:
         client_id = request.path_params["client_id"]
+        try:
+            creds = admin_practice(request, client_id).credentials
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
         if request.method == "PUT":  # register or replace: a JWKS without a kid retires that key
             try:
                 creds.register_jwks(client_id, await request.json())
@@ -310,17 +327,32 @@ def build_api_app(state: SandboxState) -> Starlette:
             state.stats.clear()
         return JSONResponse(dict(state.stats))
 
+    def admin_practice(request: Request, client_id: str | None = None) -> SandboxState:
+        """The practice ``?firm=`` names; else the one that knows ``client_id``; else practice 1."""
+        firm = request.query_params.get("firm")
+        if firm is not None:
+            practice = state.practice(firm)
+            if practice is None:
+                raise LookupError(f"no practice is served under firm {firm!r}")
+            return practice
+        known = (p for p in state.practices if client_id is not None and client_id in p.credentials.client_jwks())
+        return next(known, state)
+
     async def admin_resources(request: Request) -> Response:
         rt = request.path_params["rtype"]
+        try:
+            store = admin_practice(request).store
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
         if request.method == "GET":
-            return JSONResponse(state.store.ground_truth(rt))
+            return JSONResponse(store.ground_truth(rt))
         body = await request.json()
         if request.method == "DELETE":
-            row = state.store.delete(rt, request.path_params["rid"])
+            row = store.delete(rt, request.path_params["rid"])
         elif request.method == "PUT":
-            row = state.store.update({**body, "resourceType": rt, "id": request.path_params["rid"]})
+            row = store.update({**body, "resourceType": rt, "id": request.path_params["rid"]})
         else:
-            row = state.store.create({**body, "resourceType": rt})
+            row = store.create({**body, "resourceType": rt})
         return JSONResponse(row.body if row else {}, status_code=201 if request.method == "POST" else 200)
 
     async def not_found(request: Request) -> Response:
@@ -415,8 +447,9 @@ def build_storage_app(state: SandboxState) -> Starlette:
             return refused
         if state.faults.latency_ms:
             await asyncio.sleep(state.faults.latency_ms / 1000)
-        response: Response = await state.exports.download(request, request.path_params["job"],
-                                                          request.path_params["name"])
+        job = request.path_params["job"]
+        practice = next((p for p in state.practices if p.exports._job(job) is not None), state)
+        response: Response = await practice.exports.download(request, job, request.path_params["name"])
         return response
 
     return Starlette(routes=[

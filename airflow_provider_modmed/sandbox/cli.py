@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="keep state (SQLite) and private keys here; default: in memory")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--firm", default=SandboxConfig.firm, help="firm URL prefix of the seeded practice")
+        p.add_argument("--practices", type=int, default=1,
+                       help="serve N practices: --firm, then {firm}2 ... {firm}N, each with its own API key, "
+                       "credentials, seeded data and rate budget")
         for flag in ("api-key", "username", "password", "client-id", "client-secret", "cert-client-id",
                      "cert-client-secret"):
             p.add_argument(f"--{flag}", default=None, help=f"override the seeded {flag.replace('-', ' ')}")
@@ -61,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--export-seconds", type=float, default=2.0)
             p.add_argument("--expires-in", action="store_true",
                            help="send expires_in on password grants (ModMed omits it)")
+            p.add_argument("--tls-cert", type=Path, default=None,
+                           help="serve both listeners over https with this PEM certificate (chain); needs --tls-key")
+            p.add_argument("--tls-key", type=Path, default=None, help="the PEM private key of --tls-cert")
     _keys_parser(sub.add_parser("keys", help="make and combine key pairs for the certified track's "
                                 "private_key_jwt (the JWKS to register with ModMed)"))
     return parser
@@ -96,9 +102,11 @@ def _config(args: argparse.Namespace) -> SandboxConfig:
     overrides = {k: v for k in ("api_key", "username", "password", "client_id", "client_secret",
                                 "cert_client_id", "cert_client_secret")
                  if (v := getattr(args, k)) is not None}
+    if args.practices < 1:
+        raise CliError(f"--practices must be at least 1 (got {args.practices})")
     config = SandboxConfig(host=args.host, port=args.port,
                            storage_port=args.storage_port if args.storage_port is not None else args.port + 1,
-                           data_dir=args.data_dir, seed=args.seed, firm=args.firm,
+                           data_dir=args.data_dir, seed=args.seed, firm=args.firm, practices=args.practices,
                            credential_overrides=overrides)
     if args.command == "serve":
         config.patients = args.patients
@@ -180,15 +188,15 @@ def _credentials(config: SandboxConfig, admin_token: str | None) -> dict[str, An
                        ", then run this again. Its private_key_jwt keys are generated at start unless "
                        "--data-dir keeps them; with the same --data-dir (and --seed) given here, the "
                        "credentials can be printed before it starts")
-    from airflow_provider_modmed.sandbox.credentials import credentials_document, make_credentials
+    from airflow_provider_modmed.sandbox.credentials import make_practice_credentials, practices_document
 
     print(f"modmed-sandbox: no sandbox answers on {url}; printing the credentials of a sandbox started with "
           f"--data-dir {config.data_dir} --seed {config.seed} (and the same overrides)", file=sys.stderr)
-    creds = make_credentials(firm=config.firm, seed=config.seed, data_dir=config.data_dir,
-                             overrides=config.credential_overrides)
+    creds = make_practice_credentials(firm=config.firm, practices=config.practices, seed=config.seed,
+                                      data_dir=config.data_dir, overrides=config.credential_overrides)
     host = config.host if ":" not in config.host else f"[{config.host}]"
-    return credentials_document(creds, api_url=f"http://{host}:{config.port}",
-                                storage_url=f"http://{host}:{config.storage_port}")
+    return practices_document(creds, api_url=f"http://{host}:{config.port}",
+                              storage_url=f"http://{host}:{config.storage_port}")
 
 
 def _read_json(path: Path) -> Any:
@@ -269,7 +277,10 @@ def _serve(args: argparse.Namespace, config: SandboxConfig) -> int:
     if config.admin_token:
         _remote_notice(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = SandboxServer(config)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("modmed-sandbox: serving over https needs both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    server = SandboxServer(config, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())

@@ -42,6 +42,9 @@ __all__ = [
     "SandboxCredentials",
     "credentials_document",
     "make_credentials",
+    "make_practice_credentials",
+    "practice_firms",
+    "practices_document",
 ]
 
 #: keys accepted by ``make_credentials(overrides=...)`` (CLI flags) -> SandboxCredentials field
@@ -166,7 +169,7 @@ def _asymmetric_client(client_id: str, algorithm: str, data_dir: Path | None) ->
 
 
 def make_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, seed: int = 0, data_dir: Path | None = None,
-                     overrides: Mapping[str, str] | None = None) -> SandboxCredentials:
+                     overrides: Mapping[str, str] | None = None, client_suffix: str = "") -> SandboxCredentials:
     """Build the sandbox's credentials.
 
     Secrets are derived from ``seed`` (same seed, same secrets). The two private keys are generated in
@@ -174,6 +177,7 @@ def make_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, seed: int = 0, data_dir
     with mode 0600 on first use), so printed credentials stay valid across restarts.
     ``overrides`` (keys :data:`OVERRIDE_KEYS`: ``api_key``, ``username``, ``password``, ``client_id``,
     ``client_secret``, ``cert_client_id``, ``cert_client_secret``) replace the derived values.
+    ``client_suffix`` is appended to the user and client ids (a further practice's: ``-{firm}``).
     """
     unknown = sorted(set(overrides or {}) - set(OVERRIDE_KEYS))
     if unknown:
@@ -181,17 +185,36 @@ def make_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, seed: int = 0, data_dir
     creds = SandboxCredentials(
         firm=firm,
         api_key=f"sbx-apikey-{_secret('api-key', firm, seed)}",
-        username="sbx-user",
+        username=f"sbx-user{client_suffix}",
         password=f"sbx-password-{_secret('password', firm, seed)}",
-        cc_client_id="sbx-keycloak-client",
+        cc_client_id=f"sbx-keycloak-client{client_suffix}",
         cc_client_secret=f"sbx-secret-{_secret('keycloak-client-secret', firm, seed)}",
-        cert_client_id="sbx-certified-secret-client",
+        cert_client_id=f"sbx-certified-secret-client{client_suffix}",
         cert_client_secret=f"sbx-secret-{_secret('certified-client-secret', firm, seed)}",
-        rs384=_asymmetric_client("sbx-certified-rs384", "RS384", data_dir),
-        es384=_asymmetric_client("sbx-certified-es384", "ES384", data_dir),
+        rs384=_asymmetric_client(f"sbx-certified-rs384{client_suffix}", "RS384", data_dir),
+        es384=_asymmetric_client(f"sbx-certified-es384{client_suffix}", "ES384", data_dir),
     )
     changes: dict[str, Any] = {OVERRIDE_KEYS[k]: v for k, v in (overrides or {}).items() if v is not None}
     return replace(creds, **changes) if changes else creds
+
+
+def practice_firms(firm: str, practices: int) -> list[str]:
+    """The firm URL prefixes of ``practices`` practices: ``firm``, then ``{firm}2``, ``{firm}3``, ..."""
+    if practices < 1:
+        raise ValueError(f"practices must be at least 1 (got {practices})")
+    return [firm] + [f"{firm}{i}" for i in range(2, practices + 1)]
+
+
+def make_practice_credentials(*, firm: str = PUBLIC_SANDBOX_FIRM, practices: int = 1, seed: int = 0,
+                              data_dir: Path | None = None,
+                              overrides: Mapping[str, str] | None = None) -> list[SandboxCredentials]:
+    """The credentials of every practice: practice 1 as :func:`make_credentials` makes them (``overrides``
+    apply to it only); practice ``i`` under firm ``{firm}{i}``, with secrets derived from its firm, user and
+    client ids suffixed ``-{firm}{i}``, and its keys in ``data_dir/{firm}{i}``."""
+    firms = practice_firms(firm, practices)
+    first = make_credentials(firm=firm, seed=seed, data_dir=data_dir, overrides=overrides)
+    return [first] + [make_credentials(firm=f, seed=seed, data_dir=data_dir / f if data_dir else None,
+                                       client_suffix=f"-{f}") for f in firms[1:]]
 
 
 def _connection_uri(conn: Mapping[str, Any]) -> str:
@@ -295,6 +318,33 @@ def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url
             "private_key_jwt": jwt_client(creds.rs384),
             "private_key_jwt_es384": jwt_client(creds.es384),
         },
+        "airflow_connections": connections,
+        "airflow_connection_uris": {cid: _connection_uri(c) for cid, c in connections.items()},
+    }
+
+
+def practices_document(practices: list[SandboxCredentials], *, api_url: str,
+                       storage_url: str) -> dict[str, Any]:
+    """The credentials JSON of a sandbox serving ``practices`` (in order; the first is practice 1).
+
+    One practice: exactly :func:`credentials_document`. Several: practice 1's document (today's keys and
+    connection ids), plus ``practices``: each practice's ``firm_url_prefix``, ``proprietary`` and
+    ``certified`` sections, and in ``airflow_connections`` one connection per practice and track,
+    ``modmed_<firm>_proprietary`` (password grant) and ``modmed_<firm>_certified`` (private_key_jwt,
+    RS384), practice 1 included.
+    """
+    docs = [credentials_document(c, api_url=api_url, storage_url=storage_url) for c in practices]
+    first = docs[0]
+    if len(docs) == 1:
+        return first
+    connections = dict(first["airflow_connections"])
+    for doc in docs:
+        firm, own = doc["firm_url_prefix"], doc["airflow_connections"]
+        connections[f"modmed_{firm}_proprietary"] = own["modmed_default"]
+        connections[f"modmed_{firm}_certified"] = own["modmed_certified"]
+    return {
+        **first,
+        "practices": [{k: doc[k] for k in ("firm_url_prefix", "proprietary", "certified")} for doc in docs],
         "airflow_connections": connections,
         "airflow_connection_uris": {cid: _connection_uri(c) for cid, c in connections.items()},
     }

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from airflow_provider_modmed.capabilities import Interaction, Track
 from airflow_provider_modmed.profile import (
+    CONDITION_CLINICAL_STATUS_CODES,
     DOCUMENT_CATEGORY_SYSTEM,
     PRESIGNED_URL_EXTENSION,
     RECONCILIATION_EXTENSION,
@@ -113,6 +114,8 @@ async def create(state: SandboxState, track: Track, request: Request, fhir_base:
         if rows:
             state.stats["conditional_create_matched"] += 1
             return fhir_response(rows[0].body, 200, {**_etag(rows[0]), "Location": _location(fhir_base, rows[0])})
+    if rt == "Condition":
+        _check_condition_codes(resource)
     if rt == "ChargeItem":
         _check_transaction_id(state, resource)
     if rt == "Coverage":
@@ -126,6 +129,19 @@ async def create(state: SandboxState, track: Track, request: Request, fhir_base:
     if state.faults.empty_create_body:
         return Response(b"", status_code=201, headers=headers)
     return fhir_response(row.body, 201, headers)
+
+
+def _check_condition_codes(resource: dict[str, Any]) -> None:
+    """ModMed's code conventions on Condition create: an upper-case clinical status (``ACTIVE``)."""
+    status = resource.get("clinicalStatus")
+    codings = status.get("coding") if isinstance(status, dict) else None
+    for coding in codings or ():
+        code = coding.get("code") if isinstance(coding, dict) else None
+        if code not in CONDITION_CLINICAL_STATUS_CODES:
+            hint = f" (ModMed's convention: '{code.upper()}')" if isinstance(code, str) and \
+                code.upper() in CONDITION_CLINICAL_STATUS_CODES else ""
+            raise FhirError(400, "code-invalid", f"Condition.clinicalStatus code '{code}' is not one of "
+                            f"{', '.join(CONDITION_CLINICAL_STATUS_CODES)}{hint}")
 
 
 def _check_transaction_id(state: SandboxState, resource: dict[str, Any]) -> None:
@@ -158,7 +174,8 @@ async def _create_binary(state: SandboxState, body: Any, fhir_base: str) -> Resp
             raise FhirError(400, "invalid", "Binary body must be a Binary resource or empty")
         content_type = body.get("contentType") or content_type
     rid = state.store.new_id("Binary")
-    url = state.presign(f"/uploads/binary-{rid}")
+    # the storage listener is shared: a further practice's upload keys carry its firm
+    url = state.presign(f"/uploads/binary-{rid}" if state.root is state else f"/uploads/{state.firm}-binary-{rid}")
     state.stats["presigned_issued"] += 1
     resource = {"resourceType": "Binary", "id": rid, "contentType": content_type,
                 "extension": [{"url": PRESIGNED_URL_EXTENSION, "valueUrl": url}]}

@@ -100,34 +100,48 @@ def check_bind(config: SandboxConfig) -> SandboxConfig:
 
 
 def build_state(config: SandboxConfig) -> SandboxState:
-    """Open (or create and seed) the store and the credentials for one sandbox."""
+    """Open (or create and seed) the stores and the credentials of every practice of one sandbox.
+
+    Returns practice 1's state (the root); ``state.practices`` lists them all. Practice ``i`` keeps its
+    SQLite file in ``data_dir/{firm}`` (practice 1: ``data_dir`` itself) and is seeded with ``seed + i - 1``.
+    """
     from airflow_provider_modmed.sandbox.bulk import BulkExports
-    from airflow_provider_modmed.sandbox.credentials import make_credentials
+    from airflow_provider_modmed.sandbox.credentials import make_practice_credentials
     from airflow_provider_modmed.sandbox.seed import generate
 
-    db_path: Path | None = None
-    if config.data_dir is not None:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        db_path = config.data_dir / "sandbox.sqlite3"
-    store = Store(db_path)
-    if store.is_empty():
-        started = time.monotonic()
-        n = store.load(generate(patients=config.patients, seed=config.seed))
-        log.info("seeded %d resources for %d patients in %.1f s", n, config.patients, time.monotonic() - started)
-    credentials = make_credentials(firm=config.firm, seed=config.seed, data_dir=config.data_dir,
-                                   overrides=config.credential_overrides)
-    state = SandboxState(config, store, credentials)
-    store._clock = state.now_ms  # the fault clock offset applies to meta.lastUpdated
-    state.exports = BulkExports(state)
-    return state
+    all_credentials = make_practice_credentials(firm=config.firm, practices=config.practices, seed=config.seed,
+                                                data_dir=config.data_dir, overrides=config.credential_overrides)
+    states: list[SandboxState] = []
+    for number, credentials in enumerate(all_credentials, start=1):
+        data_dir = config.data_dir if number == 1 or config.data_dir is None else config.data_dir / credentials.firm
+        db_path: Path | None = None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            db_path = data_dir / "sandbox.sqlite3"
+        store = Store(db_path)
+        if store.is_empty():
+            started = time.monotonic()
+            n = store.load(generate(patients=config.patients, seed=config.seed + number - 1))
+            log.info("seeded %d resources for %d patients of firm %s in %.1f s", n, config.patients,
+                     credentials.firm, time.monotonic() - started)
+        state = SandboxState(config, store, credentials, root=states[0] if states else None)
+        store._clock = state.now_ms  # the fault clock offset applies to meta.lastUpdated
+        state.exports = BulkExports(state)
+        states.append(state)
+    return states[0]
 
 
 class SandboxServer:
     """Both sandbox listeners, run by uvicorn on one event loop."""
 
-    def __init__(self, config: SandboxConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: SandboxConfig | None = None, *, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, **overrides: Any) -> None:
+        """``tls_cert``/``tls_key`` (PEM files, both or neither): serve both listeners over https."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("serving over TLS needs both a certificate and its key (tls_cert and tls_key)")
         config = config or SandboxConfig(port=0)
         self.config = dataclasses.replace(config, **overrides)
+        self.tls = (str(tls_cert), str(tls_key)) if tls_cert is not None and tls_key is not None else None
         self.state: SandboxState | None = None
         self._thread: threading.Thread | None = None
         self._servers: list[uvicorn.Server] = []
@@ -141,12 +155,15 @@ class SandboxServer:
         api_sock = _bind(self.config.host, self.config.port)
         storage_sock = _bind(self.config.host, self.config.storage_port)
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        state.api_url = f"http://{host}:{api_sock.getsockname()[1]}"
-        state.storage_url = f"http://{host}:{storage_sock.getsockname()[1]}"
+        scheme = "https" if self.tls else "http"
+        state.api_url = f"{scheme}://{host}:{api_sock.getsockname()[1]}"
+        state.storage_url = f"{scheme}://{host}:{storage_sock.getsockname()[1]}"
         self.state = state
         for app in (build_api_app(state), build_storage_app(state)):
             cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                 timeout_keep_alive=30, limit_concurrency=None)
+                                 timeout_keep_alive=30, limit_concurrency=None,
+                                 ssl_certfile=self.tls[0] if self.tls else None,
+                                 ssl_keyfile=self.tls[1] if self.tls else None)
             server = uvicorn.Server(cfg)
             self._servers.append(server)
         _log_injected_faults_as_one_line()
@@ -192,7 +209,8 @@ class SandboxServer:
         if self._thread is not None:
             self._thread.join(15)
         if self.state is not None:
-            self.state.store.close()
+            for practice in self.state.practices:
+                practice.store.close()
 
     def __enter__(self) -> SandboxServer:
         return self.start()

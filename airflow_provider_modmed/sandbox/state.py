@@ -30,6 +30,9 @@ class SandboxConfig:
     patients: int = 100
     seed: int = 0
     firm: str = PUBLIC_SANDBOX_FIRM
+    #: practices (firms) served: practice 1 is ``firm``, practice ``i`` is ``{firm}{i}`` with its own key,
+    #: credentials, seeded data (seed ``seed + i - 1``) and rate budget (:func:`.credentials.practice_firms`)
+    practices: int = 1
     rate_limit_per_minute: int = 1000
     #: the rate limit's window: 60 s as at ModMed; tests shorten it
     rate_limit_window_seconds: float = 60.0
@@ -61,6 +64,8 @@ class Token:
     expires_at: float
     scopes: tuple[str, ...] = ()
     api_key: str | None = None
+    #: the firm (practice) the token was issued for: it opens that practice only
+    firm: str = ""
 
 
 @dataclass
@@ -114,29 +119,82 @@ class Faults:
 
 
 class SandboxState:
-    """Shared by the API and the storage listener."""
+    """One practice's state, shared by the API and the storage listener.
 
-    def __init__(self, config: SandboxConfig, store: Store, credentials: Any) -> None:
+    A sandbox serving several practices holds one ``SandboxState`` per practice (its store, credentials,
+    refresh tokens, rate windows and export jobs); the first, the *root*, also owns what the whole sandbox
+    shares (faults, counters, tokens, presigned uploads, URLs), which the others reach through ``root``.
+    """
+
+    def __init__(self, config: SandboxConfig, store: Store, credentials: Any, *,
+                 root: SandboxState | None = None) -> None:
         self.config = config
         self.store = store
         self.credentials = credentials
-        self.faults = Faults(latency_ms=config.latency_ms)
-        self.tokens: dict[str, Token] = {}
+        self.root: SandboxState = root or self
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> username
         self.refresh_tokens_by_user: dict[str, str] = {}
-        self.seen_jti: dict[str, float] = {}
-        self.stats: Counter[str] = Counter()
-        #: the raw paths (and query strings) of the last API requests, for tests of path safety
-        self.recent_requests: deque[str] = deque(maxlen=200)
         self._windows: dict[str, deque[float]] = {}
-        self.lock = threading.RLock()
-        self.signing_key = secrets.token_bytes(32)
+        self.exports: Any = None  # BulkExports, set by build_state
+        # sandbox-wide: a further practice shares the root's
+        self.practices: list[SandboxState] = root.practices if root else []
+        self.practices.append(self)
+        self.tokens: dict[str, Token] = root.tokens if root else {}
+        self.seen_jti: dict[str, float] = root.seen_jti if root else {}
+        self.stats: Counter[str] = root.stats if root else Counter()
+        #: the raw paths (and query strings) of the last API requests, for tests of path safety
+        self.recent_requests: deque[str] = root.recent_requests if root else deque(maxlen=200)
+        self.lock: threading.RLock = root.lock if root else threading.RLock()
+        self.signing_key: bytes = root.signing_key if root else secrets.token_bytes(32)
+        self.uploads: dict[str, bytes] = root.uploads if root else {}
+        # read and written through the properties below, on the root only
+        self._faults = Faults(latency_ms=config.latency_ms)
         #: presigned URLs issued before this instant (µs) are expired by the expire_presigned fault
-        self.presign_revoked_before = 0
-        self.uploads: dict[str, bytes] = {}
-        self.api_url = ""
-        self.storage_url = ""
-        self.exports: Any = None  # BulkExports, set by the app
+        self._presign_revoked_before = 0
+        self._api_url = ""
+        self._storage_url = ""
+
+    # -- what the practices share (kept on the root) -------------------------------------------
+    @property
+    def firm(self) -> str:
+        """This practice's firm URL prefix."""
+        return str(self.credentials.firm)
+
+    @property
+    def faults(self) -> Faults:
+        return self.root._faults
+
+    @faults.setter
+    def faults(self, value: Faults) -> None:
+        self.root._faults = value
+
+    @property
+    def presign_revoked_before(self) -> int:
+        return self.root._presign_revoked_before
+
+    @presign_revoked_before.setter
+    def presign_revoked_before(self, value: int) -> None:
+        self.root._presign_revoked_before = value
+
+    @property
+    def api_url(self) -> str:
+        return self.root._api_url
+
+    @api_url.setter
+    def api_url(self, value: str) -> None:
+        self.root._api_url = value
+
+    @property
+    def storage_url(self) -> str:
+        return self.root._storage_url
+
+    @storage_url.setter
+    def storage_url(self, value: str) -> None:
+        self.root._storage_url = value
+
+    def practice(self, firm: str) -> SandboxState | None:
+        """The practice served under ``firm`` (``None``: no such firm URL prefix)."""
+        return next((p for p in self.practices if p.firm == firm), None)
 
     # -- clock -------------------------------------------------------------------------------
     def now(self) -> float:
@@ -148,14 +206,14 @@ class SandboxState:
     # -- tokens ------------------------------------------------------------------------------
     def issue(self, track: str, subject: str, ttl: float, scopes: tuple[str, ...] = (),
               api_key: str | None = None) -> Token:
-        token = Token(secrets.token_urlsafe(32), track, subject, time.time() + ttl, scopes, api_key)
+        token = Token(secrets.token_urlsafe(32), track, subject, time.time() + ttl, scopes, api_key, self.firm)
         with self.lock:
             self.tokens[token.value] = token
         return token
 
     def valid_token(self, value: str, track: str) -> Token | None:
         token = self.tokens.get(value)
-        if token is None or token.track != track or token.expires_at <= time.time():
+        if token is None or token.track != track or token.firm != self.firm or token.expires_at <= time.time():
             return None
         return token
 
@@ -164,7 +222,7 @@ class SandboxState:
             for token in self.tokens.values():
                 token.expires_at = 0.0
 
-    # -- rate limit (per API key, per minute, moving window) ---------------------------------
+    # -- rate limit (per API key, per minute, moving window; each practice keeps its own windows) -----
     def take_budget(self, api_key: str) -> bool:
         limit = self.config.rate_limit_per_minute
         now = time.monotonic()
@@ -202,14 +260,16 @@ class SandboxState:
         return None
 
     def credentials_document(self) -> dict[str, Any]:
-        from airflow_provider_modmed.sandbox.credentials import credentials_document
+        from airflow_provider_modmed.sandbox.credentials import practices_document
 
-        return credentials_document(self.credentials, api_url=self.api_url, storage_url=self.storage_url)
+        return practices_document([p.credentials for p in self.practices], api_url=self.api_url,
+                                  storage_url=self.storage_url)
 
     def revoke_refresh_tokens(self) -> None:
         with self.lock:
-            self.refresh_tokens.clear()
-            self.refresh_tokens_by_user.clear()
+            for practice in self.practices:
+                practice.refresh_tokens.clear()
+                practice.refresh_tokens_by_user.clear()
 
     def apply_faults(self, values: dict[str, Any]) -> None:
         with self.lock:

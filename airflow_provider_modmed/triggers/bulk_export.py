@@ -3,7 +3,8 @@
 Its serialized state is the status URL, the connection id and the poll policy: a triggerer restart
 rebuilds it from ``serialize()`` and continues polling the same export (no new kick-off). ``cleanup``
 (every exit, restarts included) only releases local resources; the remote job is cancelled with DELETE
-only in ``on_kill``, which Airflow calls when a user kills the deferred task.
+only in ``on_kill``, which Airflow calls when a user kills the deferred task. Triggers of one connection
+share one client (connection pool, TLS context) within the triggerer's event loop.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ class ModMedBulkExportTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         base = {"status_url": self.status_url}
         try:
-            client = await ModMedHook(self.modmed_conn_id).get_async_client()
-            async with client:
+            async with ModMedHook(self.modmed_conn_id).shared_async_client() as client:
                 manifest = await AsyncBulkExportClient(client, poll=self.policy).poll(self.status_url, self.log)
         except ExportGoneError as exc:
             yield TriggerEvent({**base, "status": "gone", "message": str(exc)[:500]})
@@ -80,8 +80,7 @@ class ModMedBulkExportTrigger(BaseTrigger):
         if not self.cancel_on_kill:
             return
         try:
-            client = await ModMedHook(self.modmed_conn_id).get_async_client()
-            async with client:
+            async with ModMedHook(self.modmed_conn_id).shared_async_client() as client:
                 cancelled = await AsyncBulkExportClient(client).cancel(self.status_url)
         except ModMedError as exc:
             self.log.warning("modmed: cancelling the bulk export failed: %s", exc)

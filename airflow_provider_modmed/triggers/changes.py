@@ -16,9 +16,10 @@ resources.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
@@ -37,6 +38,9 @@ from airflow_provider_modmed.client.changes import (
 )
 from airflow_provider_modmed.client.instants import format_instant, instant_ms, now_ms, parse_bound_ms
 from airflow_provider_modmed.errors import ModMedError, RateLimitedError, ServerError, TransportError
+
+if TYPE_CHECKING:
+    from airflow_provider_modmed.client.fhir import AsyncFhirClient
 
 #: errors worth another poll (the client already retried the call itself)
 TRANSIENT_ERRORS: tuple[type[ModMedError], ...] = (ServerError, RateLimitedError, TransportError,
@@ -60,10 +64,12 @@ def error_event(exc: BaseException, **extra: Any) -> dict[str, Any]:
     return {"status": "error", "error": type(exc).__name__, "message": str(exc)[:2000], **extra}
 
 
-async def _client(conn_id: str) -> Any:
+def _client(conn_id: str) -> contextlib.AbstractAsyncContextManager[AsyncFhirClient]:
+    """The connection's client shared by every trigger of the event loop (one pool and TLS context per
+    connection, not per trigger; see :meth:`ModMedHook.shared_async_client`)."""
     from airflow_provider_modmed.hooks.modmed import ModMedHook
 
-    return await ModMedHook(conn_id).get_async_client()
+    return ModMedHook(conn_id).shared_async_client()
 
 
 class ModMedChangesTrigger(BaseTrigger):
@@ -115,9 +121,7 @@ class ModMedChangesTrigger(BaseTrigger):
                 await asyncio.sleep(wait)
         cursor = Cursor.from_json(self.cursor)
         polls = calls = failures = 0
-        client = None
-        try:
-            client = await _client(self.modmed_conn_id)
+        async with _client(self.modmed_conn_id) as client:
             while True:
                 try:
                     result: PollResult = await apoll_changes(client, self.query, cursor, now_ms=now_ms())
@@ -143,9 +147,6 @@ class ModMedChangesTrigger(BaseTrigger):
                     return
                 cursor = result.cursor
                 await asyncio.sleep(self.poll_interval)
-        finally:
-            if client is not None:
-                await client.aclose()
 
 
 class ModMedChangesEventTrigger(BaseEventTrigger):
@@ -225,8 +226,7 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                        kwargs.get("exact_paging", True))
         interval = float(kwargs.get("poll_interval", 60.0))
         max_failures = int(kwargs.get("max_consecutive_failures", 5))
-        client = await _client(kwargs.get("modmed_conn_id", DEFAULT_CONN_ID))
-        try:
+        async with _client(kwargs.get("modmed_conn_id", DEFAULT_CONN_ID)) as client:
             cursor = Cursor.fresh(now_ms(), query.lookback_ms)
             polls = failures = 0
             while True:
@@ -245,8 +245,6 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                        "observed": [c.to_row() for c in result.observed], "consistent": result.consistent,
                        "calls": result.calls, "poll": polls}
                 await asyncio.sleep(interval)
-        finally:
-            await client.aclose()
 
     async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
         """Apply each snapshot to this watcher's own cursor; fire when it holds news.
@@ -255,9 +253,9 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
         after a pause, or has ``since``) first catches up with a poll of its own.
         """
         cursor = await self._load_cursor()
-        client = None
+        client: AsyncFhirClient | None = None
         unsaved: Cursor | None = None
-        try:
+        async with contextlib.AsyncExitStack() as held:  # the catch-up client, taken when first needed
             async for snapshot in shared_stream:
                 if unsaved is not None:  # saved one poll after its event went out: repeat rather than lose
                     await self._save_cursor(unsaved)
@@ -270,7 +268,7 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                     cursor = Cursor(covered, baseline=True)
                 if covered > cursor.low_ms:
                     if client is None:
-                        client = await _client(self.modmed_conn_id)
+                        client = await held.enter_async_context(_client(self.modmed_conn_id))
                     result = await apoll_changes(client, self.query, cursor, now_ms=now)
                     new = list(result.changes)
                     calls += result.calls
@@ -290,11 +288,8 @@ class ModMedChangesEventTrigger(BaseEventTrigger):
                 if new:
                     yield TriggerEvent(self._payload(new, calls, shared=self.shared_stream_key() is not None))
                     unsaved = cursor
-        finally:
-            # an unsaved cursor is dropped on purpose: its event may not be stored yet, and repeating an
-            # event after a restart is better than losing one
-            if client is not None:
-                await client.aclose()
+        # an unsaved cursor is dropped on purpose at exit: its event may not be stored yet, and repeating
+        # an event after a restart is better than losing one
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Standalone loop (no shared-stream manager, or ``share_stream=False``): same code, own poll."""

@@ -211,6 +211,24 @@ def test_create_answers_location_and_empty_body_switch(sb: SandboxServer, api: h
     assert empty.status_code == 201 and empty.content == b"" and "/AllergyIntolerance/" in empty.headers["location"]
 
 
+@pytest.mark.parametrize("status", ["active", "Active", "resolved", "bogus"])
+def test_condition_create_refuses_a_clinical_status_not_upper_case(sb: SandboxServer, api: httpx.Client,
+                                                                  status: str) -> None:
+    before = sb.app_state.store.count("Condition")
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/1"}, "code": {"text": "Asthma"},
+                 "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                "code": status}]}}
+    refused = api.post("Condition", json=condition)
+    assert refused.status_code == 400
+    issue = refused.json()["issue"][0]
+    assert refused.json()["resourceType"] == "OperationOutcome" and issue["code"] == "code-invalid"
+    assert "ACTIVE" in issue["diagnostics"]
+    assert sb.app_state.store.count("Condition") == before
+    condition["clinicalStatus"]["coding"][0]["code"] = "ACTIVE"
+    created = api.post("Condition", json=condition)
+    assert created.status_code == 201 and created.json()["clinicalStatus"]["coding"][0]["code"] == "ACTIVE"
+
+
 def test_conditional_create_and_if_match(api: httpx.Client) -> None:
     patient = {"resourceType": "Patient", "name": [{"family": "Testcase", "given": ["Ida"]}],
                "identifier": [{"system": "urn:test", "value": "cond-create-1"}]}

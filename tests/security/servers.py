@@ -77,6 +77,16 @@ def token_answer() -> Answer:
 
 def self_signed(tmp: Any) -> tuple[ssl.SSLContext, str]:
     """A server TLS context for 127.0.0.1/localhost signed by a throw-away CA; returns it and the CA file."""
+    cert_file, key_file, ca_file = issue_certificate(tmp)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    key_file.unlink()  # the test server's key is loaded: nothing private stays on disk
+    return context, str(ca_file)
+
+
+def issue_certificate(tmp: Any) -> tuple[Any, Any, Any]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost it signed, written to ``tmp``:
+    ``(server.pem, server.key, ca.pem)`` paths."""
     import datetime
 
     from cryptography import x509
@@ -111,7 +121,4 @@ def self_signed(tmp: Any) -> tuple[ssl.SSLContext, str]:
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
-    key_file.unlink()  # the test server's key is loaded: nothing private stays on disk
-    return context, str(ca_file)
+    return cert_file, key_file, ca_file

@@ -5,10 +5,10 @@ trigger stores in the metadata database; ``exc.diagnostics()`` returns them to c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -119,8 +119,10 @@ async def test_the_changes_trigger_event_holds_no_echo(server: LoopbackServer, l
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow_provider_modmed.triggers import changes as trig
 
-    async def client(conn_id: str) -> Any:
-        return AsyncFhirClient(config(server))
+    @contextlib.asynccontextmanager
+    async def client(conn_id: str) -> AsyncIterator[AsyncFhirClient]:
+        async with AsyncFhirClient(config(server)) as fhir:
+            yield fhir
 
     monkeypatch.setattr(trig, "_client", client)
     trigger = trig.ModMedChangesTrigger(resource_type="Patient",
@@ -139,8 +141,10 @@ async def test_the_bulk_trigger_event_holds_no_echo(server: LoopbackServer, logs
         def __init__(self, conn_id: str) -> None:
             pass
 
-        async def get_async_client(self) -> AsyncFhirClient:
-            return AsyncFhirClient(config(server))
+        @contextlib.asynccontextmanager
+        async def shared_async_client(self) -> AsyncIterator[AsyncFhirClient]:
+            async with AsyncFhirClient(config(server)) as fhir:
+                yield fhir
 
     monkeypatch.setattr(trig, "ModMedHook", Hook)
     status_url = f"{server.url}/firm/x/ema/fhir/v2/export-status/1"

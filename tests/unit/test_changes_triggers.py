@@ -4,6 +4,7 @@ shared snapshots to its own cursor (baseline, de-duplication, inconsistent polls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -120,12 +121,10 @@ def test_a_watcher_behind_the_shared_loop_catches_up_with_its_own_poll(monkeypat
         nxt = Cursor(cursor.low_ms, None, {"x": ("1", T0 - 50_000)})
         return PollResult(found, nxt, Strategy.DAY, 2, 2, 10, True, 0, cursor.low_ms)
 
-    class Client:
-        async def aclose(self) -> None:
-            polled.append(Cursor(0))  # closed once, at the end
-
-    async def fake_client(conn_id: str) -> Client:
-        return Client()
+    @contextlib.asynccontextmanager
+    async def fake_client(conn_id: str) -> AsyncIterator[object]:
+        yield object()
+        polled.append(Cursor(0))  # released once, at the end
 
     monkeypatch.setattr(trig, "apoll_changes", fake_poll)
     monkeypatch.setattr(trig, "_client", fake_client)

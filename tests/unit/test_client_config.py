@@ -170,3 +170,84 @@ def test_the_certified_subdomain_must_be_a_dns_label(firm: str) -> None:
         check_firm(firm, subdomain=True)
     assert check_firm("derm-1", subdomain=True) == "derm-1"
     assert check_firm("a" * 63, subdomain=True) == "a" * 63
+
+
+# -- egress: proxy and CA bundle (issue 14, item 5) ------------------------------------------------------------
+
+
+def _ca_pem() -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    return ca.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_proxy_and_ca_bundle_default_to_none_and_stay_out_of_repr() -> None:
+    cfg = prop(proxy="http://user:proxy-secret@proxy.hospital.internal:3128", ca_bundle=_ca_pem())
+    assert "proxy-secret" not in repr(cfg) and "BEGIN CERTIFICATE" not in repr(cfg)
+    assert prop().proxy is None and prop().ca_bundle is None
+
+
+@pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1080", "proxy.hospital.internal:3128", "http://",
+                                   "http://user:pw-secret@proxy.example/path", "http://proxy.example:3128?x=1",
+                                   "http://:3128"])
+def test_a_bad_proxy_names_the_field_and_not_its_password(proxy: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        prop(proxy=proxy)
+    assert 'extra field "proxy"' in str(err.value) and "pw-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("proxy", ["http://127.0.0.1:3128", "https://proxy.example:8443/", "http://u:p@proxy:80"])
+def test_http_and_https_proxies_are_accepted(proxy: str) -> None:
+    assert prop(proxy=proxy).proxy == proxy
+
+
+def test_a_ca_bundle_is_pem_text_or_an_existing_path(tmp_path: Any) -> None:
+    pem_text = _ca_pem()
+    assert prop(ca_bundle=pem_text).ca_bundle == pem_text
+    (tmp_path / "ca.pem").write_text(pem_text)
+    assert prop(ca_bundle=str(tmp_path / "ca.pem")).ca_bundle == str(tmp_path / "ca.pem")
+    with pytest.raises(ConfigurationError) as err:
+        prop(ca_bundle="/nonexistent/ca.pem")
+    assert 'extra field "ca_bundle"' in str(err.value) and "no such file" in str(err.value)
+    with pytest.raises(ConfigurationError, match="no usable CA certificate"):
+        prop(ca_bundle="-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    (tmp_path / "empty.pem").write_text("nothing here")
+    with pytest.raises(ConfigurationError, match="no usable CA certificate"):
+        prop(ca_bundle=str(tmp_path / "empty.pem"))
+
+
+def test_a_ca_bundle_conflicts_with_verify_false_or_a_verify_path(tmp_path: Any) -> None:
+    with pytest.raises(ConfigurationError, match="verify is false"):
+        prop(ca_bundle=_ca_pem(), verify=False)
+    (tmp_path / "ca.pem").write_text(_ca_pem())
+    with pytest.raises(ConfigurationError, match="given twice"):
+        prop(ca_bundle=_ca_pem(), verify=str(tmp_path / "ca.pem"))
+
+
+def test_the_client_mounts_the_proxy_for_https_only_and_trusts_the_bundle() -> None:
+    import ssl
+
+    import httpx
+
+    from airflow_provider_modmed.client import egress
+
+    pem_text = _ca_pem()
+    cfg = prop(proxy="http://u:p@127.0.0.1:3128", ca_bundle=pem_text)
+    kwargs = egress.client_kwargs(cfg, None)
+    assert isinstance(kwargs["verify"], ssl.SSLContext) and list(kwargs["mounts"]) == ["https://"]
+    assert len(kwargs["verify"].get_ca_certs()) == 1  # exactly the bundle, not the system's CAs too
+    assert "mounts" not in egress.client_kwargs(prop(), None)
+    assert "mounts" not in egress.client_kwargs(cfg, httpx.MockTransport(lambda r: httpx.Response(200)))
+    assert isinstance(egress.client_kwargs(cfg, None, asynchronous=True)["mounts"]["https://"],
+                      httpx.AsyncBaseTransport)
+    assert egress.shown_proxy("http://u:secret@proxy.example") == "http://proxy.example:80"

@@ -275,3 +275,50 @@ def test_storage_errors_show_the_scheme_only() -> None:
         _build("nosuch://:limits-quotes-me@h/0", {})  # limits' own message quotes the whole URI
     assert "nosuch://" in str(err.value) and "limits-quotes-me" not in str(err.value)
     assert "limits-quotes-me" not in repr(RateBudget(storage_uri="redis://:limits-quotes-me@h/0"))
+
+
+# -- egress: proxy and CA bundle (issue 14, item 5) ------------------------------------------------------------
+
+
+def test_the_proxy_password_field_goes_into_the_proxy_url_after_the_user() -> None:
+    config = make(proxy="http://egress@proxy.hospital.internal:3128", proxy_password="p@ss:w/rd")
+    assert config.proxy == "http://egress:p%40ss%3Aw%2Frd@proxy.hospital.internal:3128"
+    assert make(proxy="http://proxy.example:3128").proxy == "http://proxy.example:3128"
+    assert make(proxy="", proxy_password="").proxy is None  # the UI's blanks: unset
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"proxy": "http://u:twice-secret@proxy.example:3128", "proxy_password": "field-secret"}, "given twice"),
+    ({"proxy_password": "field-secret"}, "proxy ('HTTPS proxy') is empty"),
+    ({"proxy": "ftp://proxy.example", "proxy_password": "field-secret"}, 'extra field "proxy"'),
+])
+def test_proxy_errors_name_the_field_without_the_password(extra: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        make(**extra)
+    assert needle in str(err.value)
+    assert "field-secret" not in str(err.value) and "twice-secret" not in str(err.value)
+
+
+def test_a_proxy_password_in_the_url_still_works_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="airflow_provider_modmed.hooks"):
+        config = make(proxy="http://u:in-url-secret@proxy.example:3128")
+    assert config.proxy == "http://u:in-url-secret@proxy.example:3128"
+    assert "proxy_password" in caplog.text and "in-url-secret" not in caplog.text
+
+
+def test_a_ca_bundle_pasted_into_one_line_is_rewrapped_certificate_by_certificate() -> None:
+    from tests.unit.test_client_config import _ca_pem
+
+    first, second = _ca_pem(), _ca_pem()
+    one_line = (first + second).replace("\n", " ")
+    config = make(ca_bundle=one_line)
+    assert config.ca_bundle == first + second
+    assert make(ca_bundle="  ").ca_bundle is None
+
+
+def test_the_egress_fields_in_the_form() -> None:
+    from airflow_provider_modmed.connection_form import CONN_FIELDS
+
+    assert CONN_FIELDS["proxy_password"]["schema"]["format"] == "password"
+    assert "format" not in CONN_FIELDS["proxy"]["schema"] and "Proxy password" in CONN_FIELDS["proxy"]["description"]
+    assert CONN_FIELDS["ca_bundle"]["schema"]["format"] == "multiline"
