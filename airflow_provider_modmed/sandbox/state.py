@@ -10,7 +10,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 from airflow_provider_modmed.profile import PROPRIETARY_ENVIRONMENTS, PUBLIC_SANDBOX_FIRM, environment_path
 from airflow_provider_modmed.sandbox.store import Store
@@ -118,6 +118,26 @@ class Faults:
                 raise KeyError(key)
 
 
+_V = TypeVar("_V")
+
+
+class _OnRoot(Generic[_V]):
+    """An attribute every practice shares: read and written as ``_<name>`` on the root practice."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> _OnRoot[_V]: ...
+    @overload
+    def __get__(self, obj: SandboxState, objtype: type | None = None) -> _V: ...
+    def __get__(self, obj: SandboxState | None, objtype: type | None = None) -> _V | _OnRoot[_V]:
+        return self if obj is None else cast(_V, getattr(obj.root, self.attr))
+
+    def __set__(self, obj: SandboxState, value: _V) -> None:
+        setattr(obj.root, self.attr, value)
+
+
 class SandboxState:
     """One practice's state, shared by the API and the storage listener.
 
@@ -160,37 +180,10 @@ class SandboxState:
         """This practice's firm URL prefix."""
         return str(self.credentials.firm)
 
-    @property
-    def faults(self) -> Faults:
-        return self.root._faults
-
-    @faults.setter
-    def faults(self, value: Faults) -> None:
-        self.root._faults = value
-
-    @property
-    def presign_revoked_before(self) -> int:
-        return self.root._presign_revoked_before
-
-    @presign_revoked_before.setter
-    def presign_revoked_before(self, value: int) -> None:
-        self.root._presign_revoked_before = value
-
-    @property
-    def api_url(self) -> str:
-        return self.root._api_url
-
-    @api_url.setter
-    def api_url(self, value: str) -> None:
-        self.root._api_url = value
-
-    @property
-    def storage_url(self) -> str:
-        return self.root._storage_url
-
-    @storage_url.setter
-    def storage_url(self, value: str) -> None:
-        self.root._storage_url = value
+    faults: _OnRoot[Faults] = _OnRoot()
+    presign_revoked_before: _OnRoot[int] = _OnRoot()
+    api_url: _OnRoot[str] = _OnRoot()
+    storage_url: _OnRoot[str] = _OnRoot()
 
     def practice(self, firm: str) -> SandboxState | None:
         """The practice served under ``firm`` (``None``: no such firm URL prefix)."""
