@@ -15,7 +15,9 @@ asset event per batch of changes. The scheduler then runs the DAG with the batch
 * **Restarts**: the watcher's cursor lives in the asset's `asset_state_store`; after a triggerer restart it
   resumes where it stopped (an event may repeat, none is lost).
 
-**Connection**: `modmed_default` (the proprietary track; a `modmed_certified` connection works the same).
+**Connection**: `modmed_default` (the proprietary track; a `modmed_certified` connection works the same: the
+watcher and the task share the connection, so the events carry the ids that track reads; the certified track
+names a patient with ids of its own, `1.120182.2.<n>` in the sandbox, so join tracks by identifier).
 
 **Against the sandbox**: start `modmed-sandbox serve --port 8899`, export the connections printed by
 `modmed-sandbox credentials --json --port 8899` (`airflow_connections`) as `AIRFLOW_CONN_MODMED_DEFAULT=...`,

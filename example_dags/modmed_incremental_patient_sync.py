@@ -11,7 +11,9 @@ storage, then a second task reads the file back and logs counts (never patient d
 * **No record lost at the edges.** On the proprietary track ModMed filters `_lastUpdated` by whole days only;
   the operator asks for whole days and keeps exactly the resources updated inside the window. On the
   certified track the window is sent as is (`ge`/`lt`, millisecond precision). A patient changed in two
-  intervals appears in both files (its latest version each time): load by `id` + `meta.versionId`.
+  intervals appears in both files (its latest version each time): load by `id` + `meta.versionId`. The
+  ids are the track's own (the certified track has ids of its own): to merge files of both tracks, match
+  patients by their MRN `identifier`, not by `id`.
 * **Output**: `{output_base}/modmed_incremental_patient_sync/{{ data_interval_start | ds }}/Patient.ndjson`:
   one file per interval, named after its first day whether the run was scheduled, manual or a re-run (the
   logical date `{{ ds }}` is the interval's start only for scheduled runs). `output_base` is the run's

@@ -23,7 +23,7 @@ from airflow_provider_modmed.profile import (
     PROPRIETARY_FHIR_SUFFIX,
     PROPRIETARY_GRANT_SUFFIX,
 )
-from airflow_provider_modmed.sandbox import interactions
+from airflow_provider_modmed.sandbox import certified_ids, interactions
 from airflow_provider_modmed.sandbox.http import (
     FhirError,
     error_response,
@@ -34,7 +34,7 @@ from airflow_provider_modmed.sandbox.http import (
     read_json,
 )
 from airflow_provider_modmed.sandbox.metadata import capability_statement
-from airflow_provider_modmed.sandbox.state import ENVIRONMENT_PATHS, SandboxState, Token
+from airflow_provider_modmed.sandbox.state import ENVIRONMENT_PATHS, SandboxState, Token, key_label
 
 Handler = Callable[[SandboxState, Track, Request, str], Awaitable[Response]]
 
@@ -42,10 +42,6 @@ Handler = Callable[[SandboxState, Track, Request, str], Awaitable[Response]]
 PROPRIETARY_PREFIX = "/{env}/firm/{firm}"
 #: the certified track on loopback: one path per practice instead of ModMed's one host per practice
 CERTIFIED_PREFIX = "/certified/{firm}"
-
-
-def _key_label(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
 
 
 def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
@@ -112,9 +108,11 @@ def build_api_app(state: SandboxState) -> Starlette:
             raise FhirError(429, "throttled", "Rate limit exceeded")
         if not practice.take_budget(api_key):
             state.stats["throttled"] += 1
-            state.stats[f"throttled:{_key_label(api_key)}"] += 1
+            state.stats[f"throttled:{key_label(api_key)}"] += 1
             raise FhirError(429, "throttled", "Rate limit exceeded")
-        state.stats[f"requests:{_key_label(api_key)}"] += 1
+        label = key_label(api_key)
+        state.stats[f"requests:{label}"] += 1
+        state.stats[f"peak_window:{label}"] = practice.peak_calls(api_key)  # the most in any 60 s window
         return api_key
 
     def bearer(request: Request, track: str) -> Token:
@@ -241,7 +239,9 @@ def build_api_app(state: SandboxState) -> Starlette:
                 if rt and interaction in (Interaction.READ, Interaction.SEARCH) and \
                         not smart.scope_allows(token.scopes, rt, interaction.value):
                     raise FhirError(403, "forbidden", f"Token scopes do not allow {interaction.value} on {rt}")
-                return await handler(practice_of(request), Track.CERTIFIED, request, certified_base(request))
+                # the track's own ids: the handlers see stored ids, the client only certified ones
+                return await certified_ids.at_boundary(request, lambda inner: handler(
+                    practice_of(request), Track.CERTIFIED, inner, certified_base(request)))
             return await guarded(request, "certified", work)
         return endpoint
 

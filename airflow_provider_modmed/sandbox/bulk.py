@@ -6,6 +6,9 @@ output file, only the first and last store ``seq`` and the count of the (at most
 :data:`~airflow_provider_modmed.capabilities.BULK_FILE_MAX_RESOURCES`) matching rows: resource bodies
 are never held in memory, but re-read from the store in ``seq`` order and streamed when a file is
 downloaded from the storage listener. Only the small ``error`` and ``deleted`` lines are kept.
+
+The files are the certified track's: every line carries its ids (:mod:`.certified_ids`), translated as
+it streams.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from airflow_provider_modmed.capabilities import BULK_FILE_MAX_RESOURCES, EXPORT_LEVELS, MATRIX
 from airflow_provider_modmed.client.instants import InvalidInstantError, format_instant, instant_ms
+from airflow_provider_modmed.sandbox.certified_ids import certified_id, certify_json
 from airflow_provider_modmed.sandbox.http import FhirError, InjectedFault, outcome
 from airflow_provider_modmed.sandbox.smart import scope_allows
 from airflow_provider_modmed.sandbox.state import SandboxState
@@ -68,9 +72,10 @@ def _issue_line(severity: str, code: str, diagnostics: str) -> str:
 
 
 def _deleted_line(resource_type: str, resource_id: str) -> str:
-    """One ``deleted`` file line: a transaction Bundle with one DELETE entry."""
+    """One ``deleted`` file line: a transaction Bundle with one DELETE entry (of the certified id)."""
+    url = f"{resource_type}/{certified_id(resource_id)}"
     body = {"resourceType": "Bundle", "type": "transaction",
-            "entry": [{"request": {"method": "DELETE", "url": f"{resource_type}/{resource_id}"}}]}
+            "entry": [{"request": {"method": "DELETE", "url": url}}]}
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -446,28 +451,27 @@ class BulkExports:
             if not rows:
                 return
             after = rows[-1][0]
-            yield "".join(f"{body}\n" for _, body in rows).encode()
+            yield "".join(f"{line}\n" for _, line in rows).encode()
 
     # -- store access (read-only; store.py has no range queries) ------------------------------
     def _read_batch(self, selection: _Selection, entry: _OutputFile, after: int) -> list[tuple[int, str]]:
+        """(seq, NDJSON line in certified ids) of the next rows of a file after ``seq`` ``after``."""
         where, args = selection.where(entry.resource_type)
         store = self.state.store
         with store._lock:
             rows = store._db.execute(
-                f"SELECT r.seq, r.body FROM resources r WHERE {where} AND r.seq > ? AND r.seq <= ? "  # noqa: S608
+                f"SELECT r.seq, r.id, r.body FROM resources r WHERE {where} AND r.seq > ? AND r.seq <= ? "  # noqa: S608
                 "ORDER BY r.seq LIMIT ?", [*args, after, entry.last_seq, _STREAM_BATCH]).fetchall()
-        return [(int(seq), str(body)) for seq, body in rows]
+        return [(int(seq), certify_json(str(rid), str(body))) for seq, rid, body in rows]
 
     def _output_length(self, selection: _Selection, entry: _OutputFile) -> int:
-        """Bytes of the file: each body's UTF-8 length plus its newline, summed by SQLite."""
-        where, args = selection.where(entry.resource_type)
-        store = self.state.store
-        with store._lock:
-            count, size = store._db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(r.body AS BLOB))), 0) FROM resources r "  # noqa: S608
-                f"WHERE {where} AND r.seq BETWEEN ? AND ?",
-                [*args, entry.first_seq, entry.last_seq]).fetchone()
-        return int(count) + int(size)
+        """Bytes of the file: each line's UTF-8 length plus its newline."""
+        size = 0
+        after = entry.first_seq - 1
+        while rows := self._read_batch(selection, entry, after):
+            size += sum(len(line.encode()) + 1 for _, line in rows)
+            after = rows[-1][0]
+        return size
 
     def _seq_chunks(self, selection: _Selection, resource_type: str) -> Iterable[tuple[int, int, int]]:
         """(first_seq, last_seq, count) of consecutive runs of at most BULK_FILE_MAX_RESOURCES rows."""

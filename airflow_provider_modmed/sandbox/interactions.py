@@ -26,10 +26,11 @@ from airflow_provider_modmed.sandbox.fhir_api import (
     validate_resource,
 )
 from airflow_provider_modmed.sandbox.http import FhirError, fhir_response, read_json
+from airflow_provider_modmed.sandbox.seed_codes import DOTTED_ID_PREFIX
 from airflow_provider_modmed.sandbox.state import SandboxState
 from airflow_provider_modmed.sandbox.store import Row
 
-_ID_PREFIX = {"ChargeItem": "CHG|", "Immunization": "1.120182.1."}
+_ID_PREFIX = {"ChargeItem": "CHG|", "Immunization": DOTTED_ID_PREFIX}
 
 
 def _etag(row: Row) -> dict[str, str]:

@@ -17,6 +17,8 @@ Ids follow ModMed's conventions:
 * payer Organizations ``pay|7225`` and ``pay|7226``; ChargeItems ``CHG|<n>`` (composite ids with a pipe);
 * Immunizations and vital-sign Observations ``1.120182.1.<n>`` (dotted ids of the certified API);
   laboratory Observations are numeric;
+* these are the ids the proprietary track serves; the certified track serves its own, derived at its
+  boundary (``1.120182.2.<n>`` for ``<n>``: :mod:`.certified_ids`);
 * ValueSets ``document-category`` and ``appointment-type``; Groups ``all-patients`` and ``cohort-a``.
 
 Every resource validates against ``fhir.resources.R4B`` except for one deliberate ModMed quirk: the

@@ -138,6 +138,11 @@ class _OnRoot(Generic[_V]):
         setattr(obj.root, self.attr, value)
 
 
+def key_label(api_key: str) -> str:
+    """The name an API key goes by in the stats (``requests:<label>``): a digest, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
 class SandboxState:
     """One practice's state, shared by the API and the storage listener.
 
@@ -155,6 +160,7 @@ class SandboxState:
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> username
         self.refresh_tokens_by_user: dict[str, str] = {}
         self._windows: dict[str, deque[float]] = {}
+        self._peaks: dict[str, int] = {}  # API key -> the most calls its window has held
         self.exports: Any = None  # BulkExports, set by build_state
         # sandbox-wide: a further practice shares the root's
         self.practices: list[SandboxState] = root.practices if root else []
@@ -226,7 +232,24 @@ class SandboxState:
             if len(window) >= limit:
                 return False
             window.append(now)
+            self._peaks[api_key] = max(self._peaks.get(api_key, 0), len(window))
             return True
+
+    def peak_calls(self, api_key: str) -> int:
+        """The most calls ``api_key`` made in any rate-limit window (60 s) since the sandbox started."""
+        with self.lock:
+            return self._peaks.get(api_key, 0)
+
+    def budget_figures(self) -> dict[str, dict[str, int]]:
+        """Per practice (firm): its API key's FHIR calls, 429s and the most calls in any rate-limit window."""
+        figures = {}
+        for practice in self.practices:
+            key = practice.credentials.api_key
+            label = key_label(key)
+            figures[practice.firm] = {"calls": self.stats[f"requests:{label}"],
+                                      "throttled": self.stats[f"throttled:{label}"],
+                                      "peak_window": practice.peak_calls(key)}
+        return figures
 
     # -- presigned URLs ----------------------------------------------------------------------
     def sign(self, path: str, issued: int, expires: int) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modmed.sandbox.certified_ids import served_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 AIRFLOW_BIN = str(Path(sys.executable).parent / "airflow")
@@ -51,6 +52,12 @@ def connections_env(conns: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict
 def sandbox_connections(sandbox: SandboxServer) -> contextlib.AbstractContextManager[dict[str, dict[str, Any]]]:
     """A sandbox's ready-made connections as AIRFLOW_CONN_* variables (see :func:`connections_env`)."""
     return connections_env(sandbox.credentials["airflow_connections"])
+
+
+def served(conn_id: str, stored_id: str) -> str:
+    """The id under which a ready-made connection's track serves a stored record (the sandbox's ground truth
+    holds the proprietary ids; the certified track has ids of its own)."""
+    return served_id("certified" if conn_id.startswith("modmed_certified") else "proprietary", stored_id)
 
 
 @pytest.fixture(scope="session")

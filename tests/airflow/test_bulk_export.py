@@ -27,6 +27,7 @@ from airflow_provider_modmed.errors import CapabilityError
 from airflow_provider_modmed.hooks.modmed import ModMedHook
 from airflow_provider_modmed.operators._common import safe_segment
 from airflow_provider_modmed.operators.bulk_export import ModMedBulkExportOperator
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from airflow_provider_modmed.triggers.bulk_export import ModMedBulkExportTrigger
 
@@ -59,7 +60,8 @@ def bsb(bulk_sandbox: SandboxServer, modmed_connections: dict[str, Any],
 
 
 def live_ids(sb: SandboxServer, rt: str) -> set[str]:
-    return {r["id"] for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
+    """The certified ids of the live resources of ``rt`` (what an export holds; the store has proprietary ids)."""
+    return {certified_id(r["id"]) for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
 
 
 def stored_ids(result: dict[str, Any], rt: str) -> list[str]:
@@ -129,7 +131,7 @@ def test_dag_runs_the_deferrable_export_through_the_trigger(bsb: SandboxServer, 
     group = results["deferred_group_export"]
     cohort = bsb.app_state.store.get("Group", "cohort-a")
     assert cohort is not None
-    members = {m["entity"]["reference"].split("/")[1] for m in cohort.body["member"]}
+    members = {certified_id(m["entity"]["reference"].split("/")[1]) for m in cohort.body["member"]}
     assert set(stored_ids(group, "Patient")) == members and group["output"]["Patient"]["count"] == len(members)
     assert group["run_folder"].endswith(f"/{safe_segment(run.run_id)}/deferred_group_export")
     worker = results["worker_patient_export"]
@@ -322,7 +324,7 @@ def test_nightly_example_chains_transaction_time(bsb: SandboxServer, run_dag: An
     assert first.state == "success"
     watermark = json.loads((tmp_path / "modmed_nightly_bulk_export" / "_watermark.json").read_text())
     store = bsb.app_state.store
-    row = store.get("Immunization", sorted(live_ids(bsb, "Immunization"))[0])
+    row = store.get("Immunization", min(r["id"] for r in store.ground_truth("Immunization") if not r["deleted"]))
     assert row is not None
     store.update({**row.body, "status": "entered-in-error"})
     second = run_dag(EXAMPLE, "modmed_nightly_bulk_export", logical_date=pendulum.datetime(2026, 2, 2, tz="UTC"),
@@ -335,7 +337,7 @@ def test_nightly_example_chains_transaction_time(bsb: SandboxServer, run_dag: An
         ti = session.query(TaskInstance).filter(TaskInstance.run_id == second.run_id,
                                                 TaskInstance.task_id == "export").one()
         result = ti.xcom_pull(task_ids="export", session=session)
-    assert stored_ids(result, "Immunization") == [row.id] and stored_ids(result, "Patient") == []
+    assert stored_ids(result, "Immunization") == [certified_id(row.id)] and stored_ids(result, "Patient") == []
     newer = json.loads((tmp_path / "modmed_nightly_bulk_export" / "_watermark.json").read_text())
     assert newer["transaction_time"] == result["transaction_time"] > watermark["transaction_time"]
 

@@ -15,7 +15,7 @@ import pytest
 from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
 from airflow_provider_modmed.sandbox.seed import MRN_SYSTEM
 from airflow_provider_modmed.sandbox.server import SandboxServer
-from tests.airflow.conftest import sandbox_connections
+from tests.airflow.conftest import sandbox_connections, served
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 Cap = pytest.CaptureFixture[str]
@@ -139,12 +139,13 @@ def test_crud_on_the_proprietary_track_changes_exactly_one_patient(sb: SandboxSe
                                                    ("modmed_certified_es384", "Patient", "1"),
                                                    ("modmed_certified_secret", "Condition", None)])
 def test_read_on_both_tracks(sb: SandboxServer, run_dag: Any, conn_id: str, rt: str, rid: str | None) -> None:
-    rid = rid or next(iter(truth(sb, rt)))  # dotted ids on the certified track: 1.120182.1.<n>
+    stored = rid or next(iter(truth(sb, rt)))
+    rid = served(conn_id, stored)  # the certified track's Patient/1 is Patient/1.120182.2.1
     before = truth(sb, rt)
     run = run_dag(DAGS, "modmed_op_read", run_conf={"conn_id": conn_id, "resource_type": rt, "resource_id": rid})
     assert run.state == "success", task_instances(run)
     out = result(run, "read")
-    assert (out["id"], out["version_id"]) == (rid, before[rid][0])
+    assert (out["id"], out["version_id"]) == (rid, before[stored][0])
     assert truth(sb, rt) == before
 
 

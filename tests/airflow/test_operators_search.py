@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modmed.sandbox.server import SandboxServer
-from tests.airflow.conftest import connections_env, sandbox_connections
+from tests.airflow.conftest import connections_env, sandbox_connections, served
 from tests.airflow.test_operators_resources import body, output, rendered, result, task_instances, truth
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
@@ -45,7 +45,7 @@ def modmed_connections(sandbox: SandboxServer) -> Iterator[dict[str, dict[str, A
 def test_search_streams_every_match_on_both_tracks(sb: SandboxServer, run_dag: Any, tmp_path: Path,
                                                    conn_id: str, rt: str) -> None:
     out_file = tmp_path / f"{rt}.ndjson"
-    live = [rid for rid, (_, deleted) in truth(sb, rt).items() if not deleted]
+    live = [served(conn_id, rid) for rid, (_, deleted) in truth(sb, rt).items() if not deleted]
     run = run_dag(DAGS, "modmed_op_search", run_conf={"conn_id": conn_id, "resource_type": rt,
                                                       "output_path": str(out_file)})
     assert run.state == "success", task_instances(run)
@@ -95,7 +95,7 @@ def test_incremental_search_keeps_exactly_the_data_interval(sb: SandboxServer, r
     assert run.state == "success", task_instances(run)
     assert (run.data_interval_start, run.data_interval_end) == (start, end)
     out = result(run, "search")
-    expected = sorted(r["id"] for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]
+    expected = sorted(served(conn_id, r["id"]) for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]
                       and start <= datetime.fromisoformat(r["lastUpdated"].replace("Z", "+00:00")) < end)
     assert sorted(out["ids"]) == expected and out["count"] == len(expected)
     assert out["window"]["mode"] == mode

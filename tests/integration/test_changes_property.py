@@ -38,6 +38,7 @@ from airflow_provider_modmed.client.changes import (
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.client.instants import instant_ms
+from airflow_provider_modmed.sandbox.certified_ids import served_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -194,9 +195,10 @@ def check(world: World, reported: list[tuple[str, str]]) -> None:
     per_id: dict[str, list[int]] = defaultdict(list)
     for rid, version in reported:
         per_id[rid].append(int(version))
-    assert set(per_id) <= set(world.written), f"reported but not written: {set(per_id) - set(world.written)}"
-    for rid in set(world.written):
-        row = world.sb.app_state.store.get(world.case.resource_type, rid)
+    written = {served_id(world.case.track, stored): stored for stored in world.written}
+    assert set(per_id) <= set(written), f"reported but not written: {set(per_id) - set(written)}"
+    for rid, stored in written.items():
+        row = world.sb.app_state.store.get(world.case.resource_type, stored)
         assert row is not None
         assert per_id[rid], f"{rid} (version {row.version}) was never reported"
         assert per_id[rid] == sorted(set(per_id[rid])), f"{rid}: versions reported out of order {per_id[rid]}"

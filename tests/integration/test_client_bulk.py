@@ -32,6 +32,7 @@ from airflow_provider_modmed.client.bulk import (
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import CapabilityError, ServerError, TransportError
+from airflow_provider_modmed.sandbox.certified_ids import certified_id, proprietary_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,8 @@ def client(sb: SandboxServer) -> Iterator[BulkExportClient]:
 
 
 def live_ids(sb: SandboxServer, rt: str) -> set[str]:
-    return {r["id"] for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
+    """The certified ids of the live resources of ``rt`` (the store holds the proprietary ones)."""
+    return {certified_id(r["id"]) for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
 
 
 def ids_in(folder: Path, result: dict[str, Any], rt: str) -> list[str]:
@@ -93,9 +95,18 @@ def ids_in(folder: Path, result: dict[str, Any], rt: str) -> list[str]:
 
 
 def members(sb: SandboxServer, group: str) -> set[str]:
+    """The certified ids of a Group's member Patients."""
     row = sb.app_state.store.get("Group", group)
     assert row is not None
-    return {m["entity"]["reference"].split("/")[1] for m in row.body["member"]}
+    return {certified_id(m["entity"]["reference"].split("/")[1]) for m in row.body["member"]}
+
+
+def patient_of(sb: SandboxServer, immunization: str) -> str:
+    """The certified id of the Patient of an Immunization, by the ground truth."""
+    stored = proprietary_id(immunization)
+    row = sb.app_state.store.get("Immunization", stored) if stored is not None else None
+    assert row is not None, immunization
+    return certified_id(row.body["patient"]["reference"].split("/")[1])
 
 
 # -- levels and parameters -----------------------------------------------------------------------
@@ -108,8 +119,7 @@ def test_each_level_matches_the_ground_truth(sb: SandboxServer, client: BulkExpo
     assert len(patients) == len(set(patients)) and len(immunizations) == len(set(immunizations))
     expected = members(sb, level.split("/")[1]) if level.startswith("Group/") else live_ids(sb, "Patient")
     assert set(patients) == expected
-    owners = {sb.app_state.store.get("Immunization", i).body["patient"]["reference"].split("/")[1]  # type: ignore[union-attr]
-              for i in immunizations}
+    owners = {patient_of(sb, i) for i in immunizations}
     assert owners <= expected
     if not level.startswith("Group/cohort"):
         assert set(immunizations) == live_ids(sb, "Immunization")
@@ -145,12 +155,12 @@ def test_incremental_chain_since_and_deleted_entries(sb: SandboxServer, client: 
     store.delete("Patient", "6")
     second = client.export(ExportRequest(level="Patient", types=("Patient",), since=first["transaction_time"]),
                            tmp_path / "2")
-    assert ids_in(tmp_path / "2", second, "Patient") == ["5"]
+    assert ids_in(tmp_path / "2", second, "Patient") == [certified_id("5")]
     assert second["deleted"]["count"] == 1
     (name,) = second["deleted"]["files"]
     bundles = [json.loads(line) for line in (tmp_path / "2" / name).read_text().splitlines()]
     assert [(e["request"]["method"], e["request"]["url"]) for b in bundles for e in b["entry"]] == [
-        ("DELETE", "Patient/6")]
+        ("DELETE", f"Patient/{certified_id('6')}")]
     assert second["transaction_time"] > first["transaction_time"]
 
 

@@ -23,6 +23,7 @@ from airflow_provider_modmed.errors import (
     ServerError,
 )
 from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -82,8 +83,14 @@ def client(config: ClientConfig, slept: list[float] | None = None) -> FhirClient
 
 
 def live_ids(sb: SandboxServer, rtype: str) -> list[str]:
+    """The live ids of ``rtype`` by the sandbox's ground truth: the stored (proprietary) ids."""
     rows = httpx.get(f"{sb.api_url}/_sandbox/resources/{rtype}").json()
     return [r["id"] for r in rows if not r.get("deleted")]
+
+
+def certified_ids(sb: SandboxServer, rtype: str) -> list[str]:
+    """The same records as the certified track names them."""
+    return [certified_id(i) for i in live_ids(sb, rtype)]
 
 
 # -- each auth method: success and failure ---------------------------------------------------------
@@ -113,7 +120,7 @@ def test_keycloak_client_credentials(sb: SandboxServer) -> None:
 def test_certified_auth_methods(sb: SandboxServer, kind: str) -> None:
     with client(cert_config(sb, kind)) as c:
         ids = [r["id"] for r in c.search("Immunization")]
-    assert sorted(ids) == sorted(live_ids(sb, "Immunization"))
+    assert sorted(ids) == sorted(certified_ids(sb, "Immunization"))
 
 
 @pytest.mark.parametrize(("kind", "over"), [
@@ -123,7 +130,7 @@ def test_certified_auth_methods(sb: SandboxServer, kind: str) -> None:
 ])
 def test_certified_auth_failures(sb: SandboxServer, kind: str, over: dict[str, Any]) -> None:
     with client(cert_config(sb, kind, **over)) as c, pytest.raises(AuthError) as err:
-        c.read("Immunization", live_ids(sb, "Immunization")[0])
+        c.read("Immunization", certified_ids(sb, "Immunization")[0])
     assert err.value.status_code in (400, 401)
 
 
@@ -138,7 +145,7 @@ def test_certified_assertion_signed_with_the_wrong_key(sb: SandboxServer) -> Non
 async def test_certified_async(sb: SandboxServer) -> None:
     async with AsyncFhirClient(cert_config(sb, "private_key_jwt_es384")) as c:
         ids = [r["id"] async for r in c.search("Immunization", count=5)]
-        assert sorted(ids) == sorted(live_ids(sb, "Immunization"))
+        assert sorted(ids) == sorted(certified_ids(sb, "Immunization"))
         first = ids[0]
         assert "." in first
         assert (await c.read("Immunization", first))["id"] == first
@@ -173,7 +180,7 @@ async def test_async_token_expiry_mid_iteration(sb: SandboxServer) -> None:
             seen.append(obs["id"])
             if len(seen) == 12:
                 sb.faults(expire_tokens=True)
-    assert sorted(seen) == sorted(live_ids(sb, "Observation"))
+    assert sorted(seen) == sorted(certified_ids(sb, "Observation"))
 
 
 # -- 429 and 5xx -----------------------------------------------------------------------------------
@@ -265,7 +272,7 @@ def test_documentreference_pages_of_ten(sb: SandboxServer) -> None:
 def test_certified_paging(sb: SandboxServer) -> None:
     with client(cert_config(sb)) as c:
         ids = [r["id"] for r in c.search("Observation", count=7)]
-    assert sorted(ids) == sorted(live_ids(sb, "Observation"))
+    assert sorted(ids) == sorted(certified_ids(sb, "Observation"))
 
 
 # -- ids, writes -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def test_system_export_round_trip_matches_the_store(sb: SandboxServer, cert: htt
     assert manifest["requiresAccessToken"] is False and manifest["_polls"] >= 1
     files = download(manifest)
     for rt in ("Patient", "Immunization", "Observation"):
-        truth = {r["id"] for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
+        truth = {certified_id(r["id"]) for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
         got = [r["id"] for r in files[rt]]
         assert len(got) == len(set(got)) and set(got) == truth
     assert all(item["url"].startswith(sb.storage_url) for item in manifest["output"])
@@ -85,10 +86,10 @@ def test_since_exports_changes_and_deleted_entries(sb: SandboxServer, cert: http
     store.delete("Patient", "6")
     manifest = run_export(cert, "Patient/$export", {"_since": since, "_type": "Patient"})
     files = download(manifest)
-    assert [p["id"] for p in files["Patient"]] == ["5"]
+    assert [p["id"] for p in files["Patient"]] == [certified_id("5")]
     deleted = download(manifest, "deleted")["Bundle"]
     urls = [e["request"]["url"] for b in deleted for e in b["entry"]]
-    assert urls == ["Patient/6"]
+    assert urls == [f"Patient/{certified_id('6')}"]
     assert all(e["request"]["method"] == "DELETE" for b in deleted for e in b["entry"])
 
 

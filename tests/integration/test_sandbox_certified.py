@@ -11,6 +11,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 
 pytestmark = pytest.mark.integration
@@ -120,7 +121,7 @@ def test_certified_track_is_read_only_and_pages_with_standard_links(sb: SandboxS
         seen.extend(e["resource"]["id"] for e in page.get("entry") or [])
         nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
         page = httpx.get(nxt[0], headers=headers).json() if nxt else None
-    assert sorted(seen) == sorted(r["id"] for r in truth)
+    assert sorted(seen) == sorted(certified_id(r["id"]) for r in truth)
 
 
 def test_certified_last_updated_takes_full_precision(sb: SandboxServer) -> None:
@@ -132,12 +133,13 @@ def test_certified_last_updated_takes_full_precision(sb: SandboxServer) -> None:
     got = httpx.get(base + "/Immunization", params={"_lastUpdated": f"gt{pivot}", "_count": 100},
                     headers=headers).json()
     assert {e["resource"]["id"] for e in got.get("entry") or []} == {
-        r["id"] for r in truth if r["lastUpdated"] > pivot}
+        certified_id(r["id"]) for r in truth if r["lastUpdated"] > pivot}
 
 
 def test_expired_certified_token_is_401(sb: SandboxServer) -> None:
     base = sb.credentials["certified"]["fhir_base"]
     headers = {"Authorization": f"Bearer {secret_token(sb)}"}
-    assert httpx.get(base + "/Patient/1", headers=headers).status_code == 200
+    patient = f"{base}/Patient/{certified_id('1')}"
+    assert httpx.get(patient, headers=headers).status_code == 200
     sb.faults(expire_tokens=True)
-    assert httpx.get(base + "/Patient/1", headers=headers).status_code == 401
+    assert httpx.get(patient, headers=headers).status_code == 401

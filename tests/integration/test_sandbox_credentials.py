@@ -23,6 +23,7 @@ from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.errors import AuthError
 from airflow_provider_modmed.hooks.connection import config_from_connection
+from airflow_provider_modmed.sandbox.certified_ids import certified_id, served_id
 from airflow_provider_modmed.sandbox.keys import key_from_pem
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from airflow_provider_modmed.sandbox.smart import ASSERTION_TYPE
@@ -61,8 +62,9 @@ def test_every_printed_connection_authenticates_against_the_running_sandbox(serv
     connections = printed["airflow_connections"]
     assert set(connections) == {"modmed_default", "modmed_proprietary_cc", "modmed_certified",
                                 "modmed_certified_es384", "modmed_certified_secret"}
-    patient_id = httpx.get(f"http://127.0.0.1:{served}/_sandbox/resources/Patient").json()[0]["id"]
+    stored_id = httpx.get(f"http://127.0.0.1:{served}/_sandbox/resources/Patient").json()[0]["id"]
     for conn_id, conn in connections.items():
+        patient_id = served_id(conn["extra"]["track"], stored_id)  # each track names the Patient its own way
         with client_for(conn) as client:
             patient = client.read("Patient", patient_id)  # a token request first, then an authorised read
         assert patient["id"] == patient_id, conn_id
@@ -110,6 +112,7 @@ def test_key_rotation_against_the_sandbox(sb: SandboxServer, tmp_path: Path) -> 
     assert (tmp_path / "old.pem").stat().st_mode & 0o077 == 0
     assert "PRIVATE" not in (tmp_path / "old.jwks.json").read_text()
     old = certified_connection(sb, "rotating-app", tmp_path / "old.pem", "app-2024", "ES384")
+    patient = certified_id("1")  # Patient 1 on the certified track
     new = certified_connection(sb, "rotating-app", tmp_path / "new.pem", "app-2025", "RS384")
 
     # 1. register both public keys (the JWKS handed to ModMed during the rotation)
@@ -120,7 +123,7 @@ def test_key_rotation_against_the_sandbox(sb: SandboxServer, tmp_path: Path) -> 
     # 2. each key authenticates (the connection can be switched at any moment)
     for conn in (old, new):
         with client_for(conn) as client:
-            assert client.read("Patient", "1")["id"] == "1"
+            assert client.read("Patient", patient)["id"] == patient
     # 3. retire the old kid: its assertions are refused, the new key still works
     retired = cli("keys", "jwks", str(tmp_path / "both.json"), "--retire", "app-2024").stdout
     (tmp_path / "retired.json").write_text(retired)
@@ -132,7 +135,7 @@ def test_key_rotation_against_the_sandbox(sb: SandboxServer, tmp_path: Path) -> 
     old_config = config_for(old)
     token_cache(old_config.credential_key).clear()
     with FhirClient(old_config) as client, pytest.raises(AuthError) as refused:
-        client.read("Patient", "1")
+        client.read("Patient", patient)
     assert "invalid_client" in str(refused.value) and "PRIVATE KEY" not in str(refused.value)
     token_url = sb.credentials["certified"]["token_url"]
     answer = httpx.post(token_url, data={
@@ -141,7 +144,7 @@ def test_key_rotation_against_the_sandbox(sb: SandboxServer, tmp_path: Path) -> 
     assert answer.status_code == 401
     assert answer.json()["error_description"] == "client_assertion kid 'app-2024' is not in the registered JWKS"
     with client_for(new) as client:
-        assert client.read("Patient", "1")["id"] == "1"
+        assert client.read("Patient", patient)["id"] == patient
 
 
 def test_register_refuses_a_bad_jwks(sb: SandboxServer, tmp_path: Path) -> None:

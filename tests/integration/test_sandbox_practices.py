@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import pytest
 from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.hooks.connection import config_from_connection
+from airflow_provider_modmed.sandbox.certified_ids import served_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from airflow_provider_modmed.sandbox.state import key_label
 from tests.conftest import free_port
 from tests.integration.sandbox_process import CLI, serve
 
@@ -90,6 +93,29 @@ def test_the_rate_budget_is_per_firm() -> None:
     assert len(keyed) == 2 and all(v >= 1 for v in keyed.values())
 
 
+def test_budget_figures_per_practice_calls_429s_and_the_fullest_window() -> None:
+    """``SandboxState.budget_figures``: what the scale test (tests/stack/test_scale.py) holds to the budget."""
+    with SandboxServer(patients=2, seed=3, practices=2, rate_limit_per_minute=BUDGET,
+                       rate_limit_window_seconds=1.0) as sb:
+        first, second = (p["proprietary"] for p in sb.credentials["practices"])
+        token = grant(first)  # the grant is one call of the key's budget
+        assert [get(first, token, "Patient/1").status_code for _ in range(BUDGET + 1)] == \
+            [200] * (BUDGET - 1) + [429] * 2
+        time.sleep(1.2)  # a new window: two more calls, the fullest window stays the first one
+        assert [get(first, token, "Patient/1").status_code for _ in range(2)] == [200, 200]
+        assert get(second, grant(second), "Patient/1").status_code == 200
+        figures = sb.app_state.budget_figures()
+        stats = sb.stats()
+    assert figures == {
+        "apiportal": {"calls": BUDGET + 2, "throttled": 2, "peak_window": BUDGET},
+        "apiportal2": {"calls": 2, "throttled": 0, "peak_window": 2},
+    }
+    # the stats name a key by its digest, never by the key itself
+    label = key_label(first["api_key"])
+    assert stats[f"peak_window:{label}"] == BUDGET and stats[f"requests:{label}"] == BUDGET + 2
+    assert not any(first["api_key"] in key for key in stats)
+
+
 def _exhaust_one_practice_leaves_the_other(first: dict[str, Any], second: dict[str, Any]) -> None:
     token1, token2 = grant(first), grant(second)
     # the grant took one call of each key's budget
@@ -115,8 +141,8 @@ def test_one_connection_per_practice_and_track_and_every_one_authenticates(tmp_p
         for conn_id, conn in connections.items():
             firm = conn["extra"]["firm_url_prefix"]
             truth = httpx.get(f"http://127.0.0.1:{port}/_sandbox/resources/Patient", params={"firm": firm}).json()
-            with FhirClient(config_for(conn)) as client:
-                patient = client.read("Patient", truth[0]["id"])
+            with FhirClient(config_for(conn)) as client:  # each track names the Patient its own way
+                patient = client.read("Patient", served_id(conn["extra"]["track"], truth[0]["id"]))
             read[conn_id] = json.dumps(patient["name"])
         stats = httpx.get(f"http://127.0.0.1:{port}/_sandbox/stats").json()
     assert stats.get("unauthorized", 0) == 0

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modmed.client.bulk import DownloadError
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from tests.reliability._figures import Figures
 from tests.reliability.test_worker_killed import kill_when, run_worker, start_worker
@@ -34,7 +35,7 @@ def check_exactly_once(sb: SandboxServer, result: dict[str, Any]) -> int:
     for rt in TYPES.split(","):
         ids = [json.loads(line)["id"] for name in result["output"].get(rt, {}).get("files", [])
                for line in (folder / name).read_text().splitlines()]
-        live = {r["id"] for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
+        live = {certified_id(r["id"]) for r in sb.app_state.store.ground_truth(rt) if not r["deleted"]}
         assert len(ids) == len(set(ids)), f"{rt}: an id stored twice"
         assert set(ids) == live, f"{rt}: ids lost or invented"
         total += len(ids)

@@ -21,6 +21,7 @@ import pytest
 from airflow_provider_modmed.client import ClientConfig, FhirClient
 from airflow_provider_modmed.errors import ModMedError
 from airflow_provider_modmed.hooks.modmed import ModMedHook
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.seed import MRN_SYSTEM
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from tests.airflow.conftest import load_dag
@@ -123,9 +124,9 @@ def _run_everything(sb: SandboxServer, capfd: Any, caplog: Any, tmp: Path) -> di
     run(ops, "modmed_op_search", "search (private_key_jwt RS384)",
         run_conf={"conn_id": "modmed_certified", "output_path": str(tmp / "c.ndjson")})
     run(ops, "modmed_op_read", "read (private_key_jwt ES384)",
-        run_conf={"conn_id": "modmed_certified_es384", "resource_type": "Patient", "resource_id": "1"})
+        run_conf={"conn_id": "modmed_certified_es384", "resource_type": "Patient", "resource_id": certified_id("1")})
     run(ops, "modmed_op_read", "read (certified client secret)",
-        run_conf={"conn_id": "modmed_certified_secret", "resource_type": "Patient", "resource_id": "2"})
+        run_conf={"conn_id": "modmed_certified_secret", "resource_type": "Patient", "resource_id": certified_id("2")})
     run(ops, "modmed_op_read", "read (keycloak client secret)",
         run_conf={"conn_id": "modmed_proprietary_cc", "resource_id": "3"})
     run(ops, "modmed_op_delete", "delete", run_conf={"resource_id": rid})

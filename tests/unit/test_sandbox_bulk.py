@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from airflow_provider_modmed.sandbox.bulk import JOB_TTL_SECONDS, NDJSON, BulkExports, TruncatedDownload
+from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.http import FhirError
 from airflow_provider_modmed.sandbox.state import SandboxConfig, SandboxState
 from airflow_provider_modmed.sandbox.store import Store
@@ -262,7 +263,7 @@ def test_files_split_at_1000_and_stream_in_order() -> None:
     assert [(urlsplit(i["url"]).path.rsplit("/", 1)[1], i["count"]) for i in m["output"]] == \
         [("Observation.1.ndjson", 1000), ("Observation.2.ndjson", 1000), ("Observation.3.ndjson", 500)]
     ids = [r["id"] for item in m["output"] for r in lines_of(client, item)]
-    assert ids == [str(i) for i in range(2500)]
+    assert ids == [certified_id(str(i)) for i in range(2500)]  # the certified track's ids
     assert state.stats["bulk_downloads"] == 3
 
 
