@@ -4,7 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint types check system-deps bench clean venv docs airflow
+.PHONY: demo test lint types check system-deps bench clean venv docs airflow stack
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -42,3 +42,7 @@ docs: $(STAMP)
 
 airflow: $(STAMP)
 	$(PY) scripts/airflow_ui.py
+
+# a production-shaped Airflow on loopback: Postgres, Redis, CeleryExecutor (2 workers), moto S3, 20 practices
+stack: $(STAMP) system-deps
+	$(PY) scripts/stack.py $(STACK_ARGS)

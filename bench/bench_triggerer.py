@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Triggerer capacity: how many change streams (practice x resource type) one triggerer process watches.
 
-    python bench/bench_triggerer.py                                # reduced: 1,000 streams, 10 s cadence
-    python bench/bench_triggerer.py --streams 5000 --interval 60   # the full size, at ModMed's cadence
+    python bench/bench_triggerer.py                                # the full size: 5,000 streams, 60 s cadence
+    python bench/bench_triggerer.py --streams 1000 --interval 10   # reduced (about 4 minutes)
 
 A sandbox (``modmed-sandbox serve``) runs in its own process. For each mode a fresh Python process (the
 "triggerer") imports Airflow and the provider, then runs ``--streams`` :class:`ModMedChangesEventTrigger`
@@ -187,12 +187,12 @@ def run_mode(mode: str, streams: int, args: argparse.Namespace, env: dict[str, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=1000, help="change streams in the shared run")
+    parser.add_argument("--streams", type=int, default=5000, help="change streams in the shared run")
     parser.add_argument("--unshared-streams", type=int, default=None,
                         help="streams in the unshared run (default: --streams, at most 300: beyond that, "
                              "building a client per trigger, ~24 ms of CPU each, saturates the event loop)")
     parser.add_argument("--connections", type=int, default=10, help="connections (practices) they spread over")
-    parser.add_argument("--interval", type=float, default=10.0, help="poll cadence in seconds (production: 60)")
+    parser.add_argument("--interval", type=float, default=60.0, help="poll cadence in seconds (ModMed: 60)")
     parser.add_argument("--measure", type=int, default=3, help="cadences measured after three of warm-up")
     parser.add_argument("--modes", default="unshared,shared")
     parser.add_argument("--patients", type=int, default=10, help="seeded patients in the sandbox")

@@ -197,6 +197,8 @@ def is_sandbox(conn_id: str) -> bool:
     catchup=False,
     tags=["modmed", "example"],
     doc_md=__doc__,
+    # a task whose worker dies (no heartbeat) is retried: every step is safe to run again
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
         "conn_id": Param("modmed_default", type="string", minLength=1,
                          description="The ModMed connection (proprietary track)."),
@@ -224,7 +226,7 @@ def modmed_write_back() -> None:
         log.info("The file holds %s", ", ".join(f"{n} {t}" for t, n in counts.items()))
         return counts
 
-    @task(retries=2, retry_delay=timedelta(seconds=30))
+    @task
     def write(resource_type: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create the file's resources of one type that ModMed does not have yet (by row key)."""
         from airflow_provider_modmed.hooks.modmed import ModMedHook
