@@ -2,7 +2,7 @@
 """The scale scenario on the production-shaped stack (scripts/scale.py), at the full size.
 
     python bench/bench_stack.py                        # 20 practices, ModMed's 1,000 calls/min per key
-    python bench/bench_stack.py --practices 5 --rate-limit 60
+    python bench/bench_stack.py --rate-limit 12 --poll-interval 60   # a budget that binds (about 10 minutes)
 
 Starts Postgres, Redis, moto S3, the sandbox serving ``--practices`` practices and a CeleryExecutor Airflow
 (api-server, scheduler, dag-processor, triggerer, two workers); runs the watchers (practices x 3 types in

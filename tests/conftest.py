@@ -8,8 +8,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Airflow reads its home at first import: point it at a throw-away folder before anything imports it.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="modmed-airflow-home-"))
@@ -37,19 +38,37 @@ def require_binary(name: str) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def sandbox() -> Iterator[SandboxServer]:
-    """One sandbox for the session: 40 patients, fast bulk jobs, a generous rate limit."""
-    with SandboxServer(patients=40, seed=7, export_seconds=0.3, rate_limit_per_minute=100_000) as sb:
-        yield sb
+def sandbox_fixtures(name: str = "own_sandbox", scope: str = "module",
+                     after_each: Callable[[SandboxServer], None] | None = None, **options: Any) -> tuple[Any, Any]:
+    """A sandbox of a module's (or package's) own, and the ``sb`` fixture over it::
+
+        own_sandbox, sb = sandbox_fixtures(patients=12, seed=11)   # at the top of a test module
+
+    ``name`` (started once per ``scope`` with ``options``; the rate limit defaults to 100,000 a minute) and
+    ``sb``: that sandbox with faults cleared before and after each test, then ``after_each(sandbox)``
+    (a check every test must leave true). Assign both to module names so pytest finds them.
+    """
+    options.setdefault("rate_limit_per_minute", 100_000)
+
+    @pytest.fixture(scope=scope, name=name)  # type: ignore[call-overload]
+    def started() -> Iterator[SandboxServer]:
+        with SandboxServer(**options) as server:
+            yield server
+
+    @pytest.fixture(name="sb")
+    def cleared(request: pytest.FixtureRequest) -> Iterator[SandboxServer]:
+        server: SandboxServer = request.getfixturevalue(name)
+        server.reset_faults()
+        yield server
+        server.reset_faults()
+        if after_each is not None:
+            after_each(server)
+
+    return started, cleared
 
 
-@pytest.fixture
-def sb(sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    """The session sandbox with faults cleared before and after the test."""
-    sandbox.reset_faults()
-    yield sandbox
-    sandbox.reset_faults()
+#: one sandbox for the session (40 patients, fast bulk jobs); ``sb``: it with faults cleared around each test
+sandbox, sb = sandbox_fixtures("sandbox", scope="session", patients=40, seed=7, export_seconds=0.3)
 
 
 def free_port() -> int:

@@ -75,18 +75,33 @@ class ProxyUnreachable(httpx.ConnectError):
     """No connection to the proxy (nothing was sent through it): retried like any connect failure."""
 
 
+#: a proxy's answers to ``CONNECT`` that say "not now" (the server was unreachable or the proxy busy)
+TRANSIENT_TUNNEL_STATUSES = ("502", "503", "504")
+
+
 class ProxyRefused(httpx.ProxyError):
-    """The proxy answered the ``CONNECT`` with an error status: not retried (its rules will not change)."""
+    """The proxy answered the ``CONNECT`` with an error status. ``transient`` (502, 503, 504: the proxy could
+    not reach the server, or is busy) is retried, since nothing reached the server; any other status (407,
+    403: its rules) is not."""
+
+    def __init__(self, message: str, *, request: httpx.Request, transient: bool = False) -> None:
+        super().__init__(message, request=request)
+        self.transient = transient
 
 
 def _refusal(proxy: str, request: httpx.Request, exc: httpx.ProxyError) -> ProxyRefused:
     status = str(exc).strip()[:80]  # httpcore: "<status> <reason phrase>", from the proxy
     # 407 Proxy Authentication Required; some proxies (tinyproxy) answer a CONNECT with 401 instead
     target = f"{request.url.host}:{request.url.port or 443}"
-    hint = (f"check the user name in proxy and the password in proxy_password ({PROXY_PASSWORD_FIELD})"
-            if status.startswith(("407", "401")) else "check that the proxy allows CONNECT to this host and port")
+    transient = status.startswith(TRANSIENT_TUNNEL_STATUSES)
+    if status.startswith(("407", "401")):
+        hint = f"check the user name in proxy and the password in proxy_password ({PROXY_PASSWORD_FIELD})"
+    elif transient:
+        hint = "the proxy could not reach the server or is busy (retried; nothing reached the server)"
+    else:
+        hint = "check that the proxy allows CONNECT to this host and port"
     return ProxyRefused(f"the proxy {proxy} ({PROXY_FIELD}) refused the tunnel to {target}: {status}; {hint}",
-                        request=request)
+                        request=request, transient=transient)
 
 
 def _translate(proxy: str, request: httpx.Request, exc: httpx.TransportError) -> httpx.TransportError:

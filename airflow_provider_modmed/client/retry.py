@@ -138,6 +138,8 @@ def should_retry_exception(exc: BaseException) -> bool:
         return False  # an untrusted certificate stays untrusted: no retry
     if isinstance(exc, (ServerError, RateLimitedError)):
         return True  # raised by the auth flow's token request: the FHIR request never left
+    if isinstance(exc, httpx.ProxyError):  # the tunnel did not open: nothing reached the server
+        return bool(getattr(exc, "transient", False))  # egress.ProxyRefused: 502/503/504, not 407/403
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return True  # never left
     if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)):

@@ -25,6 +25,10 @@ class CliError(Exception):
     """A message for the user; ``main`` prints it and exits 1."""
 
 
+TLS_CA_HELP = ("the CA certificate (PEM) of a sandbox served with --tls-cert: it is asked over https, verified "
+               "with this CA")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modmed-sandbox", description="An emulator of ModMed's two FHIR "
                                      "API tracks (proprietary partner API and ONC-certified API).")
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
                            help="the admin token of a sandbox started with --allow-remote "
                            f"(default: ${ADMIN_TOKEN_ENV})")
+            p.add_argument("--tls-ca", type=Path, default=None, help=TLS_CA_HELP)
         if name == "serve":
             p.add_argument("--allow-remote", action="store_true",
                            help="allow a --host beyond loopback (e.g. 0.0.0.0); /_sandbox/* then requires the "
@@ -96,6 +101,7 @@ def _keys_parser(parser: argparse.ArgumentParser) -> None:
     reg.add_argument("--host", default="127.0.0.1")
     reg.add_argument("--port", type=int, default=8899)
     reg.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV))
+    reg.add_argument("--tls-ca", type=Path, default=None, help=TLS_CA_HELP)
 
 
 def _config(args: argparse.Namespace) -> SandboxConfig:
@@ -142,19 +148,32 @@ def _remote_notice(config: SandboxConfig) -> None:
           "to loopback: reach this sandbox through an SSH tunnel or a TLS proxy.", file=sys.stderr)
 
 
-def _admin_url(host: str, port: int, path: str) -> str:
-    """The admin endpoint of a sandbox listening on ``host``: a wildcard address is reached on loopback."""
+def _admin_url(host: str, port: int, path: str, tls_ca: Path | None = None) -> str:
+    """The admin endpoint of a sandbox listening on ``host``: a wildcard address is reached on loopback;
+    https when the sandbox's CA is given (``--tls-ca``)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    return f"{'https' if tls_ca else 'http'}://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
-def _admin_call(method: str, url: str, admin_token: str | None, **kwargs: Any) -> Any:
-    """One admin request; ``None`` when nothing listens there."""
+def _admin_call(method: str, url: str, admin_token: str | None, tls_ca: Path | None = None, **kwargs: Any) -> Any:
+    """One admin request (over https verified with ``tls_ca`` when given); ``None`` when nothing listens."""
+    import ssl
+
     import httpx
 
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    verify: ssl.SSLContext | bool = True
+    if tls_ca is not None:
+        try:
+            verify = ssl.create_default_context(cafile=str(tls_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"--tls-ca {tls_ca}: not a readable PEM CA certificate ({type(exc).__name__})") from None
     try:
-        response = httpx.request(method, url, headers=headers, timeout=10, **kwargs)
+        response = httpx.request(method, url, headers=headers, timeout=10, verify=verify, **kwargs)
+    except httpx.ConnectError as exc:
+        if tls_ca is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise CliError(f"{url}: its certificate is not signed by --tls-ca {tls_ca}") from None
+        return None
     except httpx.TransportError:
         return None
     if response.status_code in (401, 403):
@@ -170,22 +189,23 @@ def _admin_call(method: str, url: str, admin_token: str | None, **kwargs: Any) -
     return body
 
 
-def _credentials(config: SandboxConfig, admin_token: str | None) -> dict[str, Any]:
+def _credentials(config: SandboxConfig, admin_token: str | None, tls_ca: Path | None = None) -> dict[str, Any]:
     """The credentials the sandbox on ``--port`` accepts: asked over its admin endpoint.
 
     Only when no sandbox answers, and ``--data-dir`` holds (or will hold) its keys, are they computed here
     from ``--seed``, ``--data-dir`` and the overrides: valid for a sandbox started with the same flags.
     Without ``--data-dir`` a sandbox generates its keys at start, so there is nothing to compute.
     """
-    url = _admin_url(config.host, config.port, "/_sandbox/credentials")
-    served = _admin_call("GET", url, admin_token)
+    url = _admin_url(config.host, config.port, "/_sandbox/credentials", tls_ca)
+    served = _admin_call("GET", url, admin_token, tls_ca)
     if served is not None:
         if "airflow_connections" not in served:
             raise CliError(f"{url} is not a modmed-sandbox (its answer holds no airflow_connections)")
         return dict(served)
     if config.data_dir is None:
         raise CliError(f"no sandbox answers on {url}: start it first (`modmed-sandbox serve --port {config.port}`)"
-                       ", then run this again. Its private_key_jwt keys are generated at start unless "
+                       ", then run this again (one served over https, with --tls-cert: pass --tls-ca). "
+                       "Its private_key_jwt keys are generated at start unless "
                        "--data-dir keeps them; with the same --data-dir (and --seed) given here, the "
                        "credentials can be printed before it starts")
     from airflow_provider_modmed.sandbox.credentials import make_practice_credentials, practices_document
@@ -242,8 +262,8 @@ def _keys(args: argparse.Namespace) -> int:
         print(json.dumps(keys.combine_jwks(sources, retire=args.retire), indent=2))
         return 0
     published = keys.public_jwks(_read_json(args.jwks_file), where=str(args.jwks_file))
-    url = _admin_url(args.host, args.port, f"/_sandbox/clients/{args.client_id}/jwks")
-    registered = _admin_call("PUT", url, args.admin_token, json={"keys": published})
+    url = _admin_url(args.host, args.port, f"/_sandbox/clients/{args.client_id}/jwks", args.tls_ca)
+    registered = _admin_call("PUT", url, args.admin_token, args.tls_ca, json={"keys": published})
     if registered is None:
         raise CliError(f"no sandbox answers on {url}: start it with `modmed-sandbox serve --port {args.port}`")
     kids = [k["kid"] for k in registered["keys"]]
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args)
         config = _config(args)
         if args.command == "credentials":
-            _print_credentials(_credentials(config, args.admin_token), args.json)
+            _print_credentials(_credentials(config, args.admin_token, args.tls_ca), args.json)
             return 0
     except (CliError, ValueError, OSError) as exc:  # InvalidKey is a ValueError
         print(f"modmed-sandbox: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import CapabilityError, ServerError, TransportError
 from airflow_provider_modmed.sandbox.certified_ids import certified_id, proprietary_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.conftest import sandbox_fixtures
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +42,12 @@ pytestmark = pytest.mark.integration
 FAST = PollPolicy(min_wait=0.05, max_wait=0.1, initial_wait=0.05)
 
 
-@pytest.fixture(scope="module")
-def own_sandbox() -> Iterator[SandboxServer]:
-    """A sandbox of this module's own: these tests update and delete resources."""
-    with SandboxServer(patients=40, seed=11, export_seconds=0.2, rate_limit_per_minute=100_000) as server:
-        yield server
+def _no_token_reached_storage(sandbox: SandboxServer) -> None:
+    assert sandbox.stats().get("auth_headers_seen_by_storage", 0) == 0  # never a token to storage
 
 
-@pytest.fixture
-def sb(own_sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    own_sandbox.reset_faults()
-    yield own_sandbox
-    own_sandbox.reset_faults()
-    assert own_sandbox.stats().get("auth_headers_seen_by_storage", 0) == 0  # never a token to storage
+#: a sandbox of this module's own: these tests update and delete resources
+own_sandbox, sb = sandbox_fixtures(patients=40, seed=11, export_seconds=0.2, after_each=_no_token_reached_storage)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ storage host, a new presigned URL after `expire_presigned`, and no second docume
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,22 +14,13 @@ from airflow_provider_modmed.client.documents import UPLOAD_KEY_SYSTEM, aupload_
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import CapabilityError, ConfigurationError
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.conftest import sandbox_fixtures
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def own_sandbox() -> Iterator[SandboxServer]:
-    """This module writes documents: its own small sandbox keeps the session sandbox as seeded."""
-    with SandboxServer(patients=5, seed=21, rate_limit_per_minute=100_000) as server:
-        yield server
-
-
-@pytest.fixture
-def sb(own_sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    own_sandbox.reset_faults()
-    yield own_sandbox
-    own_sandbox.reset_faults()
+#: this module writes documents: its own small sandbox keeps the session sandbox as seeded
+own_sandbox, sb = sandbox_fixtures(patients=5, seed=21)
 
 
 def config(sb: SandboxServer) -> ClientConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,26 +24,16 @@ from airflow_provider_modmed.errors import (
 from airflow_provider_modmed.profile import TRANSACTION_ID_SYSTEM
 from airflow_provider_modmed.sandbox.certified_ids import certified_id
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.conftest import sandbox_fixtures
 
 pytestmark = pytest.mark.integration
 
 PRESIGNED = "https://www.modmed.com/fhir/StructureDefinition/presigned-url"
 
 
-@pytest.fixture(scope="module")
-def own_sandbox() -> Iterator[SandboxServer]:
-    """A sandbox of this module's own: these tests create, update and delete resources and would
-    otherwise change what other modules' tests see in the session sandbox."""
-    with SandboxServer(patients=40, seed=7, rate_limit_per_minute=100_000) as server:
-        yield server
-
-
-@pytest.fixture
-def sb(own_sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    """This module's sandbox with faults cleared before and after each test."""
-    own_sandbox.reset_faults()
-    yield own_sandbox
-    own_sandbox.reset_faults()
+#: a sandbox of this module's own: these tests create, update and delete resources and would otherwise change
+#: what other modules' tests see in the session sandbox
+own_sandbox, sb = sandbox_fixtures(patients=40, seed=7)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ the sandbox answered."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import AsyncFhirClient, FhirClient
 from airflow_provider_modmed.errors import ConflictError, NotFoundError
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from tests.conftest import sandbox_fixtures
 from tests.security.servers import LoopbackServer, fhir_json, token_answer
 
 pytestmark = pytest.mark.integration
@@ -26,18 +27,8 @@ pytestmark = pytest.mark.integration
 TRANSACTION_ID = "https://www.modmed.com/fhir/transaction-id"
 
 
-@pytest.fixture(scope="module")
-def own_sandbox() -> Iterator[SandboxServer]:
-    """A sandbox of this module's own: these tests write."""
-    with SandboxServer(patients=12, seed=11, rate_limit_per_minute=100_000) as server:
-        yield server
-
-
-@pytest.fixture
-def sb(own_sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    own_sandbox.reset_faults()
-    yield own_sandbox
-    own_sandbox.reset_faults()
+#: a sandbox of this module's own: these tests write
+own_sandbox, sb = sandbox_fixtures(patients=12, seed=11)
 
 
 @pytest.fixture(autouse=True)

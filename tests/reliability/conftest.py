@@ -17,23 +17,14 @@ from airflow_provider_modmed.client.config import ClientConfig
 from airflow_provider_modmed.client.fhir import FhirClient
 from airflow_provider_modmed.sandbox.server import SandboxServer
 from tests.airflow.conftest import connections_env
+from tests.conftest import sandbox_fixtures
 from tests.reliability._plugin import figures, pytest_runtest_makereport
 
 __all__ = ["figures", "pytest_runtest_makereport"]
 
 
-@pytest.fixture(scope="package")
-def sandbox() -> Iterator[SandboxServer]:
-    """This suite's own sandbox: 40 patients, fast bulk jobs, a generous rate limit."""
-    with SandboxServer(patients=40, seed=11, export_seconds=0.3, rate_limit_per_minute=100_000) as server:
-        yield server
-
-
-@pytest.fixture
-def sb(sandbox: SandboxServer) -> Iterator[SandboxServer]:
-    sandbox.reset_faults()
-    yield sandbox
-    sandbox.reset_faults()
+#: this suite's own sandbox (40 patients, fast bulk jobs); ``sb``: it with faults cleared around each test
+sandbox, sb = sandbox_fixtures("sandbox", scope="package", patients=40, seed=11, export_seconds=0.3)
 
 
 @pytest.fixture(scope="package")

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,3 +73,21 @@ def airflow_db() -> str:
 def _fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth_mod, "_caches", {})
     monkeypatch.setattr(limiter_mod, "_sync_storages", {})
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A CA made for the module and a certificate it signed for 127.0.0.1/localhost: (cert, key, ca) paths."""
+    from tests.security.servers import issue_certificate
+
+    return issue_certificate(tmp_path_factory.mktemp("pki"))  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def tls_sandbox(pki: tuple[Path, Path, Path]) -> Iterator[SandboxServer]:
+    """The module's sandbox on https:// (both listeners), its certificate signed by ``pki``'s CA; seeded
+    secrets; 6 patients."""
+    cert, key, _ = pki
+    with SandboxServer(patients=6, seed=41, export_seconds=0.2, rate_limit_per_minute=100_000,
+                       credential_overrides=dict(SEEDED), tls_cert=cert, tls_key=key) as server:
+        yield server

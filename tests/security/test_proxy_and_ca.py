@@ -39,20 +39,6 @@ FAST = PollPolicy(min_wait=0, max_wait=0.05, initial_wait=0.05)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    return issue_certificate(tmp_path_factory.mktemp("pki"))  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def tls_sandbox(pki: tuple[Path, Path, Path]) -> Iterator[SandboxServer]:
-    """The sandbox on https:// (both listeners), its certificate signed by the test's CA; seeded secrets."""
-    cert, key, _ = pki
-    with SandboxServer(patients=6, seed=41, export_seconds=0.2, rate_limit_per_minute=100_000,
-                       credential_overrides=dict(SEEDED), tls_cert=cert, tls_key=key) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tinyproxy]:
     with Tinyproxy(tmp_path_factory.mktemp("tinyproxy"), user=PROXY_USER, password=PROXY_PASSWORD) as running:
         yield running
@@ -231,3 +217,20 @@ def test_the_sandbox_over_tls_prints_https_urls(tls_sandbox: SandboxServer) -> N
     doc = tls_sandbox.credentials
     assert doc["api_url"].startswith("https://127.0.0.1:") and doc["storage_url"].startswith("https://127.0.0.1:")
     assert json.dumps(doc["airflow_connections"]["modmed_default"]["host"]).startswith('"https://')
+
+
+def test_the_credentials_command_asks_a_tls_sandbox_with_its_ca(
+        tls_sandbox: SandboxServer, pki: tuple[Path, Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    port = str(httpx.URL(tls_sandbox.api_url).port)
+    assert cli.main(["credentials", "--json", "--port", port, "--tls-ca", str(pki[2])]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["proprietary"]["fhir_base"].startswith(f"https://127.0.0.1:{port}/")
+    assert doc["proprietary"]["api_key"] == tls_sandbox.credentials["proprietary"]["api_key"]
+    # without the CA: plain http reaches nothing there, and the message says what to pass
+    assert cli.main(["credentials", "--json", "--port", port]) == 1
+    assert "pass --tls-ca" in capsys.readouterr().err
+    # another CA: refused, named as a certificate problem (not as "no sandbox")
+    _, _, other_ca = issue_certificate(tmp_path)
+    assert cli.main(["credentials", "--json", "--port", port, "--tls-ca", str(other_ca)]) == 1
+    assert "not signed by --tls-ca" in capsys.readouterr().err
