@@ -67,7 +67,7 @@ def test_sensor_waits_for_its_window_to_settle_then_hands_over_the_change_set(
     row = sb.app_state.store.get("Patient", ids[0])
     assert row is not None
     sb.app_state.store.update({**row.body})  # the same resource twice: reported once, in version 2
-    until = now_ms() + 1500  # the window is still open when the run starts
+    until = now_ms() + 4000  # the window is still open when the run starts, even on a loaded machine
     conf = {"since": format_instant(since), "until": format_instant(until), "output_path": f"file://{tmp_path}/out"}
 
     run = run_dag(DAGS, f"modmed_changes_window_{mode}", run_conf=conf)
