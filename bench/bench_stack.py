@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.scale import ScaleSize, run_scale
-from scripts.stack import missing_parts
+from scripts.stack import StackConfig, missing_parts
 
 
 def main() -> int:
@@ -39,11 +39,11 @@ def main() -> int:
     if missing:
         print(f"skipped: the stack needs {', '.join(missing)} (make system-deps; make venv)")
         return 0
-    size = ScaleSize(practices=args.practices, rate_limit_per_minute=args.rate_limit,
-                     watch_poll_interval=args.poll_interval, patients=args.patients, kill_worker=not args.no_kill,
-                     timeout=1800)
+    size = StackConfig(practices=args.practices, rate_limit_per_minute=args.rate_limit, patients=args.patients,
+                       watch_poll_interval=args.poll_interval, heartbeat_timeout=30)
     started = time.monotonic()
-    f = run_scale(size, report=lambda line: print(line, flush=True))
+    f = run_scale(size, ScaleSize(kill_worker=not args.no_kill, timeout=1800),
+                  report=lambda line: print(line, flush=True))
     many, wb, budget, kill, watchers = (f["many_practices"], f["write_back"], f["budget"], f["kill"],
                                         f["watchers"])
     per_firm = budget["per_firm"].values()

@@ -14,13 +14,10 @@ DAGs look, and what each of those DAGs found. Ids, versions and counts only: nev
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +27,7 @@ from typing import Any
 from airflow_provider_modmed.client import ClientConfig, FhirClient
 from airflow_provider_modmed.client.instants import format_instant
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from scripts.processes import ProcessGroups, free_port
 
 APPOINTMENT_DAG = "modmed_appointment_changes"
 EVENT_DAG = "modmed_event_driven"
@@ -141,12 +139,6 @@ def change_patients(sb: SandboxServer) -> dict[str, str]:
     return {created["id"]: created["meta"]["versionId"], updated["id"]: updated["meta"]["versionId"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
@@ -156,49 +148,22 @@ def _rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 @contextmanager
-def airflow_components(airflow: str, env: dict[str, str], logs: Path) -> Iterator[Callable[[], None]]:
+def airflow_components(airflow: str, env: dict[str, str], logs: Path) -> Iterator[ProcessGroups]:
     """A triggerer, a scheduler and an api-server (LocalExecutor), each in its own process group, stopped
-    on exit; yields a check that raises if one of them died (naming its log)."""
-    port = _free_port()
+    on exit; yields them (``wait_for`` raises ProcessError, naming the log, if one of them died)."""
+    port = free_port()
     env = {**env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1"}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs = ProcessGroups(logs, log_prefix="airflow-", tails_in_errors=False)
     try:
         for name, args in (("triggerer", ["triggerer", "--skip-serve-logs"]),
                            ("scheduler", ["scheduler", "--skip-serve-logs"]),
                            ("api-server", ["api-server", "--port", str(port)])):
-            with (logs / f"airflow-{name}.log").open("wb") as log:
-                procs[name] = subprocess.Popen([airflow, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True)
-
-        def check() -> None:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"airflow {name} exited with {proc.returncode}: see {logs}/airflow-{name}.log")
-
-        yield check
+            procs.start(name, [airflow, *args], env=env)
+        yield procs
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-def _wait(what: str, condition: Callable[[], Any], check: Callable[[], None], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check()
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        procs.stop(grace=30)
 
 
 def run_event_driven(airflow: str, env: dict[str, str], sb: SandboxServer, logs: Path,
@@ -217,13 +182,14 @@ def run_event_driven(airflow: str, env: dict[str, str], sb: SandboxServer, logs:
         return sb.stats().get("requests:proprietary", 0)
 
     before = polls()
-    with airflow_components(airflow, env, logs) as check:
-        _wait("the triggerer's watcher to poll the sandbox", lambda: polls() >= before + 2, check, timeout)
+    with airflow_components(airflow, env, logs) as procs:
+        procs.wait_for("the triggerer's watcher to poll the sandbox", lambda: polls() >= before + 2, timeout)
         made = change_patients(sb)
         changed_at = format_instant(int(time.time() * 1000))
-        state = _wait("the asset-triggered run to finish",
-                      lambda: next((s for (s,) in _rows(db, "SELECT state FROM dag_run WHERE dag_id = ?", EVENT_DAG)
-                                    if s in ("success", "failed")), None), check, timeout)
+        state = procs.wait_for(
+            "the asset-triggered run to finish",
+            lambda: next((s for (s,) in _rows(db, "SELECT state FROM dag_run WHERE dag_id = ?", EVENT_DAG)
+                          if s in ("success", "failed")), None), timeout)
     events = [json.loads(extra).get("payload", {}) for (extra,) in _rows(db, "SELECT extra FROM asset_event")]
     synced = xcom_results(db, EVENT_DAG).get("sync_changed_patients") or {}
     synced_ids = set(synced.get("ids", [])) if state == "success" else set()

@@ -28,31 +28,27 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_provider_modmed.client.instants import parse_bound_ms
 from airflow_provider_modmed.sandbox.store import Store
-from scripts.stack import BUCKET, ROOT, ProductionStack, StackConfig, StackError
+from scripts.processes import ProcessError
+from scripts.stack import BUCKET, ROOT, WATCH_TYPES, ProductionStack, StackConfig
 
 WRITE_BACK_FILE = ROOT / "example_dags" / "data" / "write_back.csv"
 WRITE_BACK_SYSTEM = "urn:airflow-provider-modmed:write-back"
-WATCH_TYPES = ("Patient", "Appointment", "AllergyIntolerance")
 FINISHED = ("success", "failed")
+T = TypeVar("T")
 
 
 @dataclass
 class ScaleSize:
-    """How big the scenario is (the CI test runs a reduced size, ``make bench`` the full one)."""
+    """The scenario's own settings; how big the stack is (practices, budget, cadence) is its
+    :class:`~scripts.stack.StackConfig`."""
 
-    practices: int = 20
-    rate_limit_per_minute: int = 1000
-    watch_poll_interval: float = 15.0
-    patients: int = 30
-    #: seconds without a heartbeat before the scheduler fails a dead worker's task (Airflow: 300)
-    heartbeat_timeout: int = 30
     kill_worker: bool = True
     #: added to every sandbox answer while the DAGs run, so the kill lands inside tasks' ModMed calls
     latency_ms: float = 150.0
@@ -73,9 +69,9 @@ class Scenario:
         self.report = report
         assert stack.sandbox is not None
         self.sandbox = stack.sandbox
-        self.practices = list(stack.practice_connections)
-        self.firms = {conn_id: conn_id.removeprefix("modmed_").removesuffix("_proprietary")
-                      for conn_id in self.practices}
+        self.firms = stack.practices  # proprietary connection id -> firm
+        self.practices = list(self.firms)
+        self.budget_per_minute = stack.config.rate_limit_per_minute
         self.deadline = time.monotonic() + size.timeout
         self._token: str | None = None
 
@@ -88,7 +84,7 @@ class Scenario:
         response = httpx.request(method, f"{self.stack.api_url}/api/v2{path}", json=body, timeout=60,
                                  headers={"Authorization": f"Bearer {self._token}"})
         if response.status_code >= 400:
-            raise StackError(f"{method} {path}: {response.status_code} {response.text[:500]}")
+            raise ProcessError(f"{method} {path}: {response.status_code} {response.text[:500]}")
         return response.json() if response.content else None
 
     def unpause(self, dag_id: str) -> None:
@@ -99,19 +95,16 @@ class Scenario:
                                                      "conf": conf})
         return run_id
 
-    def wait(self, what: str, condition: Callable[[], Any], poll: float = 1.0) -> Any:
-        while time.monotonic() < self.deadline:
-            self.stack.check_alive()
-            value = condition()
-            if value:
-                return value
-            time.sleep(poll)
-        raise StackError(f"timed out waiting for {what}\n{self.stack.logs()}")
+    def wait(self, what: str, condition: Callable[[], T | None], poll: float = 1.0) -> T:
+        """``condition()``'s first truthy value, within what is left of the scenario's timeout."""
+        return self.stack.procs.wait_for(what, condition, max(0.0, self.deadline - time.monotonic()), poll)
 
-    def run_states(self, dag_id: str, run_ids: list[str]) -> dict[str, str]:
+    def finished(self, dag_id: str, run_ids: list[str]) -> dict[str, str] | None:
+        """The runs' states once every one of them has finished, else None."""
         rows = self.stack.sql("SELECT run_id, state FROM dag_run WHERE dag_id = %s AND run_id = ANY(%s)",
                               dag_id, run_ids)
-        return {run_id: state for run_id, state in rows}
+        states = {run_id: state for run_id, state in rows}
+        return states if len(states) == len(run_ids) and all(s in FINISHED for s in states.values()) else None
 
     # -- the scenario ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -138,17 +131,12 @@ class Scenario:
         batch_started = time.monotonic()
         before = self.sandbox.app_state.budget_figures()
         self.sandbox.faults(latency_ms=self.size.latency_ms)  # every ModMed call is slower: the kill lands mid-task
-        kill = self.kill_worker_mid_run() if self.size.kill_worker else {"killed": None}
-        many_state = self.wait("the many-practices run to finish", lambda: (
-            self.run_states("modmed_many_practices", [many_run]).get(many_run) in FINISHED
-            and self.run_states("modmed_many_practices", [many_run])[many_run]), poll=2)
+        kill: dict[str, Any] = self.kill_worker_mid_run() if self.size.kill_worker else {"killed": None}
+        many_state = self.wait("the many-practices run to finish",
+                               lambda: self.finished("modmed_many_practices", [many_run]), poll=2)[many_run]
         many_wall = time.monotonic() - batch_started
-        def write_backs_done() -> dict[str, str] | None:
-            states = self.run_states("modmed_write_back", list(write_runs.values()))
-            done = len(states) == len(write_runs) and all(s in FINISHED for s in states.values())
-            return states if done else None
-
-        write_states = self.wait("the write-back runs to finish", write_backs_done, poll=2)
+        write_states = self.wait("the write-back runs to finish",
+                                 lambda: self.finished("modmed_write_back", list(write_runs.values())), poll=2)
         batch_wall = time.monotonic() - batch_started
         after = self.sandbox.app_state.budget_figures()
         batch_calls = max(after[f]["calls"] - before[f]["calls"] for f in after)
@@ -157,7 +145,7 @@ class Scenario:
                                  "WHERE try_number > 1 AND dag_id IN ('modmed_many_practices', 'modmed_write_back')")
         kill["retried_task_instances"] = len(retried)
         return {
-            "size": asdict(self.size),
+            "size": {**asdict(self.size), "stack": asdict(self.stack.config)},
             "watchers": {**watchers, "changed": sum(len(v) for v in changed.values()),
                          "recorded": sum(len(v) for v in recorded.values()),
                          "missing": {c: sorted(set(changed[c]) - set(recorded.get(c, {})))
@@ -167,8 +155,8 @@ class Scenario:
             "write_back": {"states": dict(Counter(write_states.values())), **self.check_write_back()},
             "batch": {"wall_s": round(batch_wall, 1), "most_calls_per_key": batch_calls,
                       # the least time the budget allows for those calls (the first window's worth is free)
-                      "budget_floor_s": round(max(0, batch_calls - self.size.rate_limit_per_minute)
-                                              / self.size.rate_limit_per_minute * 60, 1)},
+                      "budget_floor_s": round(max(0, batch_calls - self.budget_per_minute)
+                                              / self.budget_per_minute * 60, 1)},
             "kill": kill,
             "budget": self.budget(),
             "wall_s": round(time.monotonic() - started, 1),
@@ -219,7 +207,7 @@ class Scenario:
             found = recorded()
             return all(set(changed[c]) <= set(found.get(c, {})) for c in changed)
 
-        with contextlib.suppress(StackError):  # what is missing at the timeout is reported
+        with contextlib.suppress(ProcessError):  # what is missing at the timeout is reported
             self.wait("every change recorded by the watcher DAGs", all_recorded, poll=3)
         return recorded()
 
@@ -233,7 +221,7 @@ class Scenario:
 
         at_kill = self.wait(f"more than {per_worker} running task instances", lambda: (
             (n := running()) > per_worker and n), poll=0.3)
-        self.stack.kill("worker1")
+        self.stack.procs.kill("worker1")
         self.report(f"killed worker1 (SIGKILL) with {at_kill} task instances running")
         return {"killed": "worker1", "running_at_kill": at_kill}
 
@@ -242,13 +230,14 @@ class Scenario:
         """Per practice: the Appointment ids in S3 against the sandbox's Appointments in [day, day + 14)."""
         low = parse_bound_ms(day)
         high = parse_bound_ms((date.fromisoformat(day) + timedelta(days=14)).isoformat())
+        written = self.stack.s3_keys("scale/modmed_many_practices/")
         per: dict[str, dict[str, int]] = {}
         for conn_id, firm in self.firms.items():
             practice = self.sandbox.app_state.practice(firm)
             assert practice is not None
             truth = {r["id"] for r in bodies(practice.store, "Appointment")
                      if low <= parse_bound_ms(str(r.get("start", ""))) < high}
-            keys = [k for k in self.stack.s3_keys("scale/modmed_many_practices/") if f"/{conn_id}/" in k]
+            keys = [k for k in written if f"/{conn_id}/" in k]
             ids = [json.loads(line)["id"] for k in keys for line in self.stack.s3_text(k).splitlines() if line]
             per[conn_id] = {"expected": len(truth), "written": len(ids), "files": len(keys),
                             "duplicates": len(ids) - len(set(ids)), "missing": len(truth - set(ids)),
@@ -277,22 +266,21 @@ class Scenario:
 
     def budget(self) -> dict[str, Any]:
         figures = self.sandbox.app_state.budget_figures()
-        return {"limit_per_minute": self.size.rate_limit_per_minute,
+        return {"limit_per_minute": self.budget_per_minute,
                 "max_peak_window": max(f["peak_window"] for f in figures.values()),
                 "throttled": sum(f["throttled"] for f in figures.values()),
                 "calls": sum(f["calls"] for f in figures.values()), "per_firm": figures}
 
 
-def run_scale(size: ScaleSize, report: Callable[[str], None] = lambda line: None,
+def run_scale(config: StackConfig, size: ScaleSize | None = None, report: Callable[[str], None] = lambda line: None,
               home: Path | None = None) -> dict[str, Any]:
-    """Start a stack of ``size``, run the scenario, stop the stack; the findings (see the module doc)."""
-    config = StackConfig(practices=size.practices, workers=2, rate_limit_per_minute=size.rate_limit_per_minute,
-                         patients=size.patients, watch_poll_interval=size.watch_poll_interval,
-                         watch_types=",".join(WATCH_TYPES), heartbeat_timeout=size.heartbeat_timeout)
+    """Start a stack of ``config`` (two workers, the scenario's three watched types), run the scenario,
+    stop the stack; the findings (see the module doc)."""
+    config = replace(config, workers=2, watch_types=",".join(WATCH_TYPES))
     started = time.monotonic()
     with ProductionStack(config, home=home) as stack:
-        report(f"stack up in {time.monotonic() - started:.0f}s: {size.practices} practices, "
+        report(f"stack up in {time.monotonic() - started:.0f}s: {config.practices} practices, "
                f"{stack.api_url}")
-        findings = Scenario(stack, size, report).run()
+        findings = Scenario(stack, size or ScaleSize(), report).run()
     findings["stack_s"] = round(time.monotonic() - started, 1)
     return findings

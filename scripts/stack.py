@@ -32,7 +32,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,25 +46,23 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: `scripts.*` imports from the repository
     sys.path.insert(0, str(ROOT))
 
+from airflow_provider_modmed.sandbox.credentials import practice_connection_id  # noqa: E402
 from airflow_provider_modmed.sandbox.server import SandboxServer  # noqa: E402
 from scripts.airflow_ui import save_connections  # noqa: E402
+from scripts.processes import ProcessError, ProcessGroups, free_port, listening, run_checked  # noqa: E402
 
 BIN = Path(sys.executable).parent
 AIRFLOW_BIN = str(BIN / "airflow")
 BUCKET = "modmed-stack"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+#: what the watchers DAGs watch by default (``[modmed] watch_types``), per practice
+WATCH_TYPES = ("Patient", "Appointment", "AllergyIntolerance")
 #: every process of the stack carries its folder in this environment variable (what "nothing left" checks)
 STACK_ENV = "MODMED_STACK_HOME"
 
 
-class StackError(RuntimeError):
-    """A part of the stack did not start; the message names it and ends with its log's last lines."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class StackError(ProcessError):
+    """A part of the stack is missing or did not start; the message names it."""
 
 
 def postgres_bin() -> Path:
@@ -111,39 +108,31 @@ class StackConfig:
     seed: int = 1
     api_port: int = 0  # 0: a free port
     dags_folder: Path = ROOT / "example_dags"
-    watch_types: str = "Patient,Appointment,AllergyIntolerance"
+    watch_types: str = ",".join(WATCH_TYPES)
     watch_poll_interval: float = 60.0
     #: seconds without a heartbeat before the scheduler fails a task whose worker died (Airflow: 300)
     heartbeat_timeout: int = 60
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    stop_signal: int = signal.SIGTERM
-
-
 class ProductionStack:
     """Postgres, Redis, moto S3, the multi-practice sandbox and a CeleryExecutor Airflow, on loopback.
 
     ``with ProductionStack(StackConfig(practices=5)) as stack:`` starts everything (or raises
-    :class:`StackError` naming the part that did not start, with nothing left running) and stops it all
-    on exit. ``stack.env`` is the Airflow environment (``stack.airflow(...)`` runs the CLI with it),
-    ``stack.sandbox`` the sandbox, ``stack.sql(...)`` queries the metadata database,
-    ``stack.s3()`` is a boto3 client of the object store.
+    :class:`~scripts.processes.ProcessError` naming the part that did not start, with nothing left running)
+    and stops it all on exit. ``stack.env`` is the Airflow environment (``stack.airflow(...)`` runs the CLI
+    with it), ``stack.sandbox`` the sandbox, ``stack.practices`` its practices' connection ids and firms,
+    ``stack.procs`` the programs (``check_alive``, ``wait_for``, ``kill``, ``tails``), ``stack.sql(...)``
+    queries the metadata database, ``stack.s3()`` is a boto3 client of the object store.
     """
 
     def __init__(self, config: StackConfig | None = None, home: Path | None = None) -> None:
         self.config = config or StackConfig()
         self._own_home = home is None
         self.home = Path(home or tempfile.mkdtemp(prefix="modmed-stack-"))
-        self.procs: dict[str, _Proc] = {}
+        self.procs = ProcessGroups(self.home / "logs", mark={STACK_ENV: str(self.home)})
         self.sandbox: SandboxServer | None = None
         self.env: dict[str, str] = {}
-        self.practice_connections: list[str] = []
         self.ports: dict[str, int] = {}
         self._pg_password = secrets.token_urlsafe(18)
         self._redis_password = secrets.token_urlsafe(18)
@@ -186,9 +175,9 @@ class ProductionStack:
         self.env = self._airflow_env()
         self.airflow("db", "migrate", timeout=600)
         saved = save_connections(self._connections(), self.env)
-        self.airflow("variables", "set", "modmed_practices", json.dumps(self.practice_connections))
+        self.airflow("variables", "set", "modmed_practices", json.dumps(list(self.practices)))
         report(f"connections: {len(saved)} in the metadata database; Variable modmed_practices: "
-               f"{len(self.practice_connections)} practices")
+               f"{len(self.practices)} practices")
         for component in COMPONENTS:
             args = [component, "--port", str(self.ports["api"])] if component == "api-server" else [component]
             if component in ("scheduler", "triggerer"):
@@ -199,71 +188,43 @@ class ProductionStack:
                                        "--concurrency", str(self.config.worker_concurrency),
                                        "--celery-hostname", f"worker{i}@%h"])
         self._wait_port("api-server", self.ports["api"], timeout=240)
-        self._wait_for("the api-server's health", self._healthy, timeout=240)
+        self.procs.wait_for("the api-server's health", self._healthy, timeout=240)
         report(f"airflow    http://127.0.0.1:{self.ports['api']} (CeleryExecutor: {', '.join(COMPONENTS)}, "
                f"{self.config.workers} Celery workers) up in {time.monotonic() - started:.0f}s")
 
     def stop(self) -> None:
         """Stop every process group (SIGTERM, then SIGKILL after 30 s), the sandbox, and remove the folder."""
-        for proc in reversed(list(self.procs.values())):
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.popen.pid, proc.stop_signal)
-        deadline = time.monotonic() + 30
-        for proc in self.procs.values():
-            try:
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(10)
-        for proc in self.procs.values():  # a component's children (task processes) in its group
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGKILL)
+        self.procs.stop(grace=30)
         if self.sandbox is not None:
             self.sandbox.stop()
             self.sandbox = None
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL a component's whole process group (no cleanup), as when its machine dies."""
-        proc = self.procs[name]
-        proc.stop_signal = signal.SIGKILL  # killed on purpose: check_alive() leaves it out
-        os.killpg(proc.popen.pid, signal.SIGKILL)
-        proc.popen.wait(30)
-
-    def check_alive(self) -> None:
-        for proc in self.procs.values():
-            if proc.popen.poll() is not None and proc.stop_signal != signal.SIGKILL:
-                raise StackError(f"{proc.name} exited with {proc.popen.returncode}\n{self.logs([proc.name])}")
-
-    def logs(self, names: list[str] | None = None, lines: int = 25) -> str:
-        parts = []
-        for name in names or list(self.procs):
-            text = self.procs[name].log.read_text(errors="replace") if self.procs[name].log.exists() else ""
-            parts.append(f"--- {name} (last lines) ---\n" + "\n".join(text.splitlines()[-lines:]))
-        return "\n".join(parts)
+    @property
+    def practices(self) -> dict[str, str]:
+        """The practices' proprietary connection ids, each with its firm (``{"modmed_apiportal2_proprietary":
+        "apiportal2", ...}``), in the sandbox's order."""
+        assert self.sandbox is not None
+        return {practice_connection_id(p.firm, "proprietary"): p.firm for p in self.sandbox.app_state.practices}
 
     # -- using it -------------------------------------------------------------------------------
     def airflow(self, *args: str, timeout: float = 180) -> str:
-        """Run the Airflow CLI against the stack; returns its output, raises :class:`StackError` on failure."""
-        done = subprocess.run([AIRFLOW_BIN, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise StackError(f"airflow {args[0]} {args[1] if len(args) > 1 else ''} failed "
-                             f"(exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        return done.stdout
+        """Run the Airflow CLI against the stack; returns its output, raises ProcessError on failure."""
+        return run_checked([AIRFLOW_BIN, *args], self.env, timeout, f"airflow {' '.join(args[:2])}")
 
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         """Rows of a query on the metadata database."""
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user="airflow",
-                                password=self._pg_password, dbname="airflow")
+        conn = self._pg_connect("airflow")
         with contextlib.closing(conn), conn.cursor() as cur:
             cur.execute(query, args)
             return list(cur.fetchall())
+
+    def _pg_connect(self, dbname: str, **options: Any) -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user="airflow",
+                                password=self._pg_password, dbname=dbname, **options)
 
     def s3(self) -> Any:
         """A boto3 S3 client of the stack's object store."""
@@ -288,13 +249,8 @@ class ProductionStack:
     # -- the parts --------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str], user: str | None = None,
                stop_signal: int = signal.SIGTERM, env: dict[str, str] | None = None) -> None:
-        log = self.home / "logs" / f"{name}.log"
-        log.parent.mkdir(exist_ok=True)
-        env = {**(env if env is not None else (self.env or os.environ)), STACK_ENV: str(self.home)}
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env, user=user, cwd=self.home)
-        self.procs[name] = _Proc(name, popen, log, stop_signal)
+        self.procs.start(name, argv, env=env if env is not None else (self.env or os.environ), user=user,
+                         stop_signal=stop_signal, cwd=self.home)
 
     def _as_postgres(self) -> str | None:
         """Postgres refuses to run as root: under root it runs as Debian's ``postgres`` user."""
@@ -328,11 +284,8 @@ class ProductionStack:
                                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}",
                                  "-c", "max_connections=300", "-c", "fsync=off"],
                     user=user, stop_signal=signal.SIGINT, env={"PATH": os.environ.get("PATH", "")})
-        self._wait_for("postgres", self._postgres_ready, timeout=60)
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user="airflow",
-                                password=self._pg_password, dbname="postgres")
+        self.procs.wait_for("postgres", self._postgres_ready, timeout=60)
+        conn = self._pg_connect("postgres")
         conn.autocommit = True
         with contextlib.closing(conn), conn.cursor() as cur:
             cur.execute("CREATE DATABASE airflow")
@@ -341,8 +294,7 @@ class ProductionStack:
         import psycopg2
 
         try:
-            psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user="airflow",
-                             password=self._pg_password, dbname="postgres", connect_timeout=2).close()
+            self._pg_connect("postgres", connect_timeout=2).close()
         except psycopg2.OperationalError:
             return False
         return True
@@ -360,21 +312,24 @@ class ProductionStack:
         return f"redis://{auth}127.0.0.1:{self.ports['redis']}/{db}"
 
     def _connections(self) -> dict[str, dict[str, Any]]:
+        """Every practice's two connections (and practice 1's under the sandbox's default names), each
+        drawing from the shared Redis budget; and ``aws_default`` for the object store."""
         assert self.sandbox is not None
-        all_conns = self.sandbox.credentials["airflow_connections"]
+        served = self.sandbox.credentials["airflow_connections"]
         budget = {"rate_limit_storage_uri": self._redis_url(1, password=False),
                   "rate_limit_storage_password": self._redis_password,
                   "rate_limit_per_minute": self.config.rate_limit_per_minute}
-        chosen: dict[str, dict[str, Any]] = {}
-        self.practice_connections = self._practice_ids()
-        for conn_id, conn in all_conns.items():
-            if conn_id.startswith("modmed_") and (conn_id.endswith(("_proprietary", "_certified"))
-                                                  or conn_id in ("modmed_default", "modmed_certified")):
-                extra = conn["extra"] if isinstance(conn["extra"], dict) else json.loads(conn["extra"])
-                chosen[conn_id] = {**conn, "extra": {**extra, **budget}}
-        if self.config.practices == 1:  # one practice: its connections under their per-practice names too
-            chosen[self.practice_connections[0]] = chosen["modmed_default"]
-            chosen[self.practice_connections[0].replace("_proprietary", "_certified")] = chosen["modmed_certified"]
+
+        def with_budget(conn: dict[str, Any]) -> dict[str, Any]:
+            extra = conn["extra"] if isinstance(conn["extra"], dict) else json.loads(conn["extra"])
+            return {**conn, "extra": {**extra, **budget}}
+
+        chosen = {conn_id: with_budget(served[conn_id]) for conn_id in ("modmed_default", "modmed_certified")}
+        for firm in self.practices.values():
+            for track, default in (("proprietary", "modmed_default"), ("certified", "modmed_certified")):
+                conn_id = practice_connection_id(firm, track)
+                # a one-practice sandbox names its connections only by the default names
+                chosen[conn_id] = with_budget(served.get(conn_id, served[default]))
         chosen["aws_default"] = {"conn_type": "aws", "login": self._s3_key, "password": self._s3_secret,
                                  "extra": {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}",
                                            "region_name": "us-east-1"}}
@@ -407,19 +362,13 @@ class ProductionStack:
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(self.config.heartbeat_timeout),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__MODMED__OUTPUT_BASE": f"s3://aws_default@{BUCKET}/out",
-            "AIRFLOW__MODMED__WATCH_PRACTICES": ",".join(self._practice_ids()),
+            "AIRFLOW__MODMED__WATCH_PRACTICES": ",".join(self.practices),
             "AIRFLOW__MODMED__WATCH_TYPES": self.config.watch_types,
             "MODMED_WATCH_POLL_INTERVAL": str(self.config.watch_poll_interval),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })
         env.update(self.config.extra_env)
         return env
-
-    def _practice_ids(self) -> list[str]:
-        assert self.sandbox is not None
-        firms = [p["firm_url_prefix"] for p in self.sandbox.credentials.get("practices", [])] or [
-            self.sandbox.credentials["firm_url_prefix"]]
-        return [f"modmed_{firm}_proprietary" for firm in firms]
 
     def _healthy(self) -> bool:
         import httpx
@@ -431,21 +380,7 @@ class ProductionStack:
         return bool(health.get("metadatabase", {}).get("status") == "healthy")
 
     def _wait_port(self, name: str, port: int, timeout: float = 60) -> None:
-        def listening() -> bool:
-            with socket.socket() as sock:
-                sock.settimeout(1)
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        self._wait_for(f"{name} on port {port}", listening, timeout)
-
-    def _wait_for(self, what: str, condition: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if condition():
-                return
-            time.sleep(0.5)
-        raise StackError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
+        self.procs.wait_for(f"{name} on port {port}", lambda: listening(port), timeout)
 
 
 @contextlib.contextmanager
@@ -476,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             stack.start(report=lambda line: print(line, flush=True))
             print(f"logs in {stack.home / 'logs'}; every DAG starts paused. Ctrl-C stops everything.", flush=True)
             while True:
-                stack.check_alive()
+                stack.procs.check_alive()
                 time.sleep(2)
         except KeyboardInterrupt:
             print("stopping...", flush=True)
             return 0
-        except StackError as exc:
+        except ProcessError as exc:  # a part missing, or one that did not start or died
             print(f"stack: {exc}", file=sys.stderr)
             return 1
         finally:

@@ -43,6 +43,7 @@ __all__ = [
     "credentials_document",
     "make_credentials",
     "make_practice_credentials",
+    "practice_connection_id",
     "practice_firms",
     "practices_document",
 ]
@@ -323,6 +324,11 @@ def credentials_document(creds: SandboxCredentials, *, api_url: str, storage_url
     }
 
 
+def practice_connection_id(firm: str, track: str) -> str:
+    """The Airflow connection id of one practice's track: ``modmed_<firm>_<track>`` (docs/deployment.md)."""
+    return f"modmed_{firm}_{track}"
+
+
 def practices_document(practices: list[SandboxCredentials], *, api_url: str,
                        storage_url: str) -> dict[str, Any]:
     """The credentials JSON of a sandbox serving ``practices`` (in order; the first is practice 1).
@@ -340,8 +346,8 @@ def practices_document(practices: list[SandboxCredentials], *, api_url: str,
     connections = dict(first["airflow_connections"])
     for doc in docs:
         firm, own = doc["firm_url_prefix"], doc["airflow_connections"]
-        connections[f"modmed_{firm}_proprietary"] = own["modmed_default"]
-        connections[f"modmed_{firm}_certified"] = own["modmed_certified"]
+        connections[practice_connection_id(firm, "proprietary")] = own["modmed_default"]
+        connections[practice_connection_id(firm, "certified")] = own["modmed_certified"]
     return {
         **first,
         "practices": [{k: doc[k] for k in ("firm_url_prefix", "proprietary", "certified")} for doc in docs],

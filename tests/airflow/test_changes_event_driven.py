@@ -8,11 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modmed.sandbox.server import SandboxServer
+from scripts.processes import ProcessError, ProcessGroups, free_port, run_checked
 from tests.airflow.conftest import AIRFLOW_BIN
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(420)]
@@ -29,65 +26,33 @@ DAG_ID = "modmed_event_driven"
 
 
 class Stack:
-    """Airflow components as subprocesses, each in its own process group (stopped by group id)."""
+    """Airflow components as subprocesses, each in its own process group (scripts/processes.py); a death or
+    a timeout fails the test with the components' log tails."""
 
     def __init__(self, home: Path, env: dict[str, str], api_port: int) -> None:
         self.home = home
         self.env = env
         self.api_port = api_port
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs = ProcessGroups(home)
 
     def run(self, *args: str, timeout: float = 180) -> None:
-        result = subprocess.run([AIRFLOW_BIN, *args], env=self.env, capture_output=True, text=True,
-                                timeout=timeout, check=False)
-        assert result.returncode == 0, (f"airflow {' '.join(args)} failed:\n{result.stdout[-3000:]}\n"
-                                        f"{result.stderr[-3000:]}")
+        run_checked([AIRFLOW_BIN, *args], self.env, timeout, f"airflow {' '.join(args)}")
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen([AIRFLOW_BIN, *args], env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.start(name, [AIRFLOW_BIN, *args], env=self.env)
 
     def logs(self) -> str:
-        parts = []
-        for name in self.procs:
-            text = (self.home / f"{name}.log").read_text(errors="replace")
-            parts.append(f"--- {name} (last lines) ---\n" + "\n".join(text.splitlines()[-25:]))
-        return "\n".join(parts)
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                pytest.fail(f"airflow {name} exited with {proc.returncode}\n{self.logs()}")
+        return self.procs.tails()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        self.procs.stop(grace=20)
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float, stack: Stack) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stack.check_alive()
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{stack.logs()}")
+    try:
+        return stack.procs.wait_for(what, condition, timeout)
+    except ProcessError as exc:
+        pytest.fail(str(exc))
 
 
 def query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:

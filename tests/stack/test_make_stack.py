@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from scripts.processes import listening
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -67,12 +68,6 @@ def descendants(root: int) -> dict[int, str]:
 
 def still_running(processes: dict[int, str]) -> list[int]:
     return [pid for pid, started in processes.items() if (info := stat(pid)) is not None and info[1] == started]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_make_stack_starts_everything_and_sigterm_stops_all_of_it(stack_parts: None) -> None:

@@ -16,16 +16,17 @@ from typing import Any
 import pytest
 
 from scripts.scale import ScaleSize, run_scale
+from scripts.stack import StackConfig
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(900)]
 
 #: small enough for CI, tight enough that the shared budget matters: 4 practices, 90 calls a minute per key
-SIZE = ScaleSize(practices=4, rate_limit_per_minute=90, watch_poll_interval=10, heartbeat_timeout=20, timeout=600)
+SIZE = StackConfig(practices=4, rate_limit_per_minute=90, watch_poll_interval=10, heartbeat_timeout=20)
 
 
 @pytest.fixture(scope="module")
 def findings(stack_parts: None) -> dict[str, Any]:
-    return run_scale(SIZE, report=print)
+    return run_scale(SIZE, ScaleSize(timeout=600), report=print)
 
 
 def test_every_watcher_change_reaches_s3(findings: dict[str, Any]) -> None:
